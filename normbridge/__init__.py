@@ -1,0 +1,10 @@
+"""normbridge: one canonical implementation of JAX normalization layers, four facades.
+
+* ``normbridge.core``: the math, pure functions on arrays (needs only ``jax``);
+* ``normbridge.adapters.linen`` / ``.nnx`` / ``.equinox`` / ``.treex``: drop-in
+  replacements for each framework's normalization layers, with checkpoint
+  conversion through :class:`normbridge.core.NormRecord`;
+* ``python -m normbridge check``: the conformance check that writes ``compat_matrix.md``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from normbridge.cli import main
+
+raise SystemExit(main())

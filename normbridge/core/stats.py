@@ -1,0 +1,92 @@
+"""Statistics over reduction axes: mean, variance (fast or two-pass), mean square.
+
+One implementation serves every framework:
+
+* flax's ``_compute_stats`` is :func:`moments` with its defaults;
+* equinox's LayerNorm/GroupNorm are :func:`moments` with ``use_fast_variance=False``
+  over all axes of one example (then clipped at 0, which is a no-op for two-pass);
+* equinox's BatchNorm is :func:`moments` with ``use_fast_variance=False``,
+  ``force_float32=False`` (statistics in the input dtype) and the vmapped batch as
+  ``axis_name``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from normbridge.core.axes import Axes, canonicalize_axes
+from normbridge.core.dtypes import stats_dtype
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|²`` elementwise, real for complex input."""
+    if jnp.iscomplexobj(x):
+        return lax.square(lax.real(x)) + lax.square(lax.imag(x))
+    return lax.square(x)
+
+
+def _means(
+    xs: tuple[jax.Array, ...],
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+) -> tuple[jax.Array, ...]:
+    """Means of several same-shaped arrays, synced across devices in one ``pmean``."""
+    if mask is not None:
+        mask = jnp.asarray(mask, dtype=bool)
+    mus = tuple(x.mean(axes, where=mask) for x in xs)
+    if axis_name is None:
+        return mus
+    if len(xs) > 1:
+        # One collective for all moments: stacking saves a round trip.
+        reduced = lax.pmean(jnp.stack(mus, axis=0), axis_name, axis_index_groups=axis_index_groups)
+        return tuple(reduced[i] for i in range(len(xs)))
+    return (lax.pmean(mus[0], axis_name, axis_index_groups=axis_index_groups),)
+
+
+def moments(
+    x: jax.Array,
+    axes: Axes | None,
+    *,
+    dtype: Any = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_mean: bool = True,
+    use_fast_variance: bool = True,
+    mask: jax.Array | None = None,
+    force_float32: bool = True,
+    clip_two_pass: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Mean and biased variance of ``x`` over ``axes`` (all axes if ``None``).
+
+    * fast: :math:`\mathrm{var} = \max(0, E[|x|^2] - |E[x]|^2)`, one fused pass;
+    * two-pass: :math:`\mathrm{var} = E[|x - E[x]|^2]` (optionally clipped at 0,
+      which equinox does and which never changes the value);
+    * ``use_mean=False`` (RMS): ``mean = 0`` and ``var = E[|x|^2]``.
+
+    ``mask`` selects the positions that enter the statistics. With ``axis_name``
+    every mean is averaged across that named axis, so the result is the global
+    mean and biased variance of the whole (sharded) batch. Statistics are computed
+    in :func:`~normbridge.core.dtypes.stats_dtype`.
+    """
+    cd = stats_dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x), dtype, force_float32=force_float32)
+    x = x.astype(cd) if isinstance(x, jax.Array) else jnp.asarray(x, cd)
+    red = tuple(range(x.ndim)) if axes is None else canonicalize_axes(x.ndim, axes)
+
+    if not use_mean:
+        (var,) = _means((abs_sq(x),), red, mask, axis_name, axis_index_groups)
+        return jnp.zeros_like(var), var
+    if use_fast_variance:
+        mu, mu2 = _means((x, abs_sq(x)), red, mask, axis_name, axis_index_groups)
+        # E[x²] - E[x]² can round below zero.
+        return mu, jnp.maximum(0.0, mu2 - abs_sq(mu))
+    (mu,) = _means((x,), red, mask, axis_name, axis_index_groups)
+    (var,) = _means((abs_sq(x - jnp.expand_dims(mu, red)),), red, mask, axis_name, axis_index_groups)
+    if clip_two_pass:
+        var = jnp.maximum(0.0, var)
+    return mu, var
