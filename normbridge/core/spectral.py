@@ -51,8 +51,13 @@ def sigma_flax(w: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.matmul(v, w), jnp.transpose(u))[0, 0]
 
 
-def divide_by_sigma(w: jax.Array, sigma: jax.Array) -> jax.Array:
-    """``w / sigma``, leaving ``w`` unchanged where ``sigma == 0`` (flax)."""
+def divide_by_sigma(w: jax.Array, sigma: jax.Array, *, guard_zero: bool = True) -> jax.Array:
+    """``w / sigma``, leaving ``w`` unchanged where ``sigma == 0`` (flax).
+
+    ``guard_zero=False`` is the plain ``w / sigma`` of equinox (``sigma == 0`` gives inf/NaN).
+    """
+    if not guard_zero:
+        return w / sigma
     return w / jnp.where(sigma != 0, sigma, 1)
 
 
