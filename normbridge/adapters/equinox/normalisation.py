@@ -1,0 +1,243 @@
+r"""``LayerNorm``, ``RMSNorm``, ``GroupNorm`` (drop-ins for ``equinox.nn``) and an equinox-style ``InstanceNorm``.
+
+All four see one example (no batch axis; use ``jax.vmap``), compute in
+:func:`normbridge.core.upcast_dtype` (at least float32) and return the **input
+dtype**, like equinox. Statistics are two-pass (:func:`normbridge.core.moments`
+with ``use_fast_variance=False, clip_two_pass=True``); normalization uses core
+order ``"rsqrt_then_affine"``: ``weight * ((x - mean) * rsqrt(var + eps)) + bias``
+(RMSNorm: ``weight * (rsqrt(mean(x²) + eps) * x) + bias``).
+
+* LayerNorm / RMSNorm: statistics over the whole input, whose shape must equal
+  ``shape``; ``weight``/``bias`` have the full ``shape``.
+* GroupNorm: ``x`` is ``(C, ...)``; channels are cut into ``groups`` contiguous
+  blocks and each block is normalized over all its elements; ``weight``/``bias``
+  are ``(C,)``, broadcast from the left.
+* InstanceNorm (not in equinox): ``GroupNorm(channels, channels)``, i.e. each
+  channel normalized over its own spatial positions.
+
+Each accepts an optional ``state`` and then returns ``(out, state)`` unchanged,
+so that it can sit in ``eqx.nn.Sequential`` next to stateful layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from normbridge import core
+from normbridge.adapters.equinox._common import default_floating_dtype, eqx, left_broadcast, sentinel
+
+State = eqx.nn.State
+
+
+def _finish(out: jax.Array, orig_dtype: Any, state: Any) -> Any:
+    out = out.astype(orig_dtype)
+    return out if state is sentinel else (out, state)
+
+
+def _check_shape(layer: str, shape: tuple[int, ...], x: jax.Array) -> None:
+    if x.shape != shape:
+        name = layer.lower().replace("norm", "_norm")
+        raise ValueError(
+            f"`{layer}(shape)(x)` must satisfy the invariant `shape == x.shape`. "
+            f"Received `shape={shape}` and `x.shape={x.shape}`. You might need "
+            f"to replace `{name}(x)` with `jax.vmap({name})(x)`."
+        )
+
+
+def _as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+class LayerNorm(eqx.Module):
+    """Normalizes the whole (unbatched) input; elementwise ``weight``/``bias`` of the full ``shape``."""
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        eps: float = 1e-5,
+        use_weight: bool = True,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        elementwise_affine: bool | None = None,
+    ):
+        """Same arguments as ``equinox.nn.LayerNorm``; ``elementwise_affine`` is deprecated (warns, sets both)."""
+        shape = _as_shape(shape)
+        self.shape = shape
+        self.eps = eps
+        if elementwise_affine is not None:
+            use_weight = elementwise_affine
+            use_bias = elementwise_affine
+            warnings.warn(
+                "LayerNorm(elementwise_affine=...) is deprecated "
+                "in favour of LayerNorm(use_weight=...) and LayerNorm(use_bias=...)",
+                stacklevel=2,
+            )
+        self.use_weight = use_weight
+        self.use_bias = use_bias
+        self.weight = jnp.ones(shape, dtype=dtype) if use_weight else None
+        self.bias = jnp.zeros(shape, dtype=dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array, state: State = sentinel, *, key: Any = None) -> Any:
+        """``x`` of shape ``shape`` → same shape and dtype (``(out, state)`` if a state is passed)."""
+        del key
+        _check_shape("LayerNorm", self.shape, x)
+        orig_dtype = x.dtype
+        cd = core.upcast_dtype(x.dtype)
+        x = x.astype(cd)
+        mean, var = core.moments(x, None, use_fast_variance=False, clip_two_pass=True)
+        w = self.weight.astype(cd) if self.use_weight else None
+        b = self.bias.astype(cd) if self.use_bias else None
+        out = core.normalize(x, mean, var, self.eps, w, b, order="rsqrt_then_affine")
+        return _finish(out, orig_dtype, state)
+
+
+class RMSNorm(eqx.Module):
+    """``weight * x / sqrt(mean(x²) + eps) + bias`` over the whole input (bias on by default, as in equinox)."""
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        eps: float = 1e-5,
+        use_weight: bool = True,
+        use_bias: bool = True,
+        dtype=None,
+    ):
+        """Same arguments and defaults as ``equinox.nn.RMSNorm``."""
+        dtype = default_floating_dtype() if dtype is None else dtype
+        shape = _as_shape(shape)
+        self.shape = shape
+        self.eps = eps
+        self.use_weight = use_weight
+        self.use_bias = use_bias
+        self.weight = jnp.ones(shape, dtype=dtype) if use_weight else None
+        self.bias = jnp.zeros(shape, dtype=dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array, state: State = sentinel, *, key: Any = None) -> Any:
+        """``x`` of shape ``shape`` → same shape and dtype (``(out, state)`` if a state is passed)."""
+        del key
+        _check_shape("RMSNorm", self.shape, x)
+        orig_dtype = x.dtype
+        cd = core.upcast_dtype(x.dtype)
+        x = x.astype(cd)
+        _, ms = core.moments(x, None, use_mean=False)
+        w = self.weight.astype(cd) if self.use_weight else None
+        b = self.bias.astype(cd) if self.use_bias else None
+        out = core.normalize(x, None, ms, self.eps, w, b, order="rsqrt_then_affine")
+        return _finish(out, orig_dtype, state)
+
+
+def _group_norm(
+    x: jax.Array, groups: int, eps: float, weight: jax.Array | None, bias: jax.Array | None
+) -> jax.Array:
+    """Equinox GroupNorm on one ``(C, ...)`` example, computed in the upcast dtype (not cast back)."""
+    cd = core.upcast_dtype(x.dtype)
+    x = x.astype(cd)
+    y = core.split_groups(x, groups, channels_first=True)  # (G, C/G, ...)
+    red = tuple(range(1, y.ndim))
+    mean, var = core.moments(y, red, use_fast_variance=False, clip_two_pass=True)
+    mean, var = left_broadcast(mean, y.ndim), left_broadcast(var, y.ndim)
+    # weight/bias (C,) are applied in the grouped layout: elementwise, so the same bits as after the merge.
+    def grouped(p: jax.Array | None) -> jax.Array | None:
+        if p is None:
+            return None
+        return core.split_groups(left_broadcast(p.astype(cd), x.ndim), groups, channels_first=True)
+
+    w, b = grouped(weight), grouped(bias)
+    out = core.normalize(y, mean, var, eps, w, b, order="rsqrt_then_affine")
+    return core.merge_groups(out, channels_first=True)
+
+
+class GroupNorm(eqx.Module):
+    """Group normalization of one channels-first example ``(C, ...)``; ``weight``/``bias`` ``(C,)``."""
+
+    groups: int = eqx.field(static=True)
+    channels: int | None = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(
+        self,
+        groups: int,
+        channels: int | None = None,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        dtype=None,
+    ):
+        """Same arguments as ``equinox.nn.GroupNorm`` (groups first; channels optional without affine)."""
+        if (channels is not None) and (channels % groups != 0):
+            raise ValueError(
+                f"GroupNorm: the number of groups ({groups}) must divide the number of channels ({channels})."
+            )
+        if (channels is None) and channelwise_affine:
+            raise ValueError("GroupNorm: the number of channels should be specified if `channelwise_affine=True`")
+        self.groups = groups
+        self.channels = channels
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
+        self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
+
+    def __call__(self, x: jax.Array, state: State = sentinel, *, key: Any = None) -> Any:
+        """``x`` ``(channels, ...)`` → same shape and dtype (``(out, state)`` if a state is passed)."""
+        del key
+        if x.ndim < 1 or x.shape[0] % self.groups != 0:
+            raise ValueError(
+                f"GroupNorm: x must be channels-first (C, ...) with C divisible by groups={self.groups}, "
+                f"got shape {x.shape}"
+            )
+        out = _group_norm(x, self.groups, self.eps, self.weight, self.bias)
+        return _finish(out, x.dtype, state)
+
+
+class InstanceNorm(eqx.Module):
+    """Instance normalization of one channels-first example ``(C, ...)``, equal to ``GroupNorm(C, C)``.
+
+    Not part of equinox (users write ``GroupNorm(C, C)``); same dtype rules and
+    ``(x, state=..., *, key)`` call convention as the equinox norms.
+    """
+
+    channels: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(self, channels: int, eps: float = 1e-5, channelwise_affine: bool = True, dtype=None):
+        """``channels``: size of axis 0; ``dtype``: dtype of ``weight``/``bias`` (default float32/float64)."""
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"InstanceNorm: channels must be a positive int, got {channels!r}")
+        self.channels = channels
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
+        self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
+
+    def __call__(self, x: jax.Array, state: State = sentinel, *, key: Any = None) -> Any:
+        """``x`` ``(channels, ...)`` → same shape and dtype (``(out, state)`` if a state is passed)."""
+        del key
+        if x.ndim < 1 or x.shape[0] != self.channels:
+            raise ValueError(f"InstanceNorm: x must have shape (channels={self.channels}, ...), got {x.shape}")
+        out = _group_norm(x, self.channels, self.eps, self.weight, self.bias)
+        return _finish(out, x.dtype, state)
