@@ -1,0 +1,44 @@
+"""treex facade: a treex 0.6.12-compatible module system on ``treeo``, and safe loading of treex checkpoints.
+
+treex is unmaintained and no longer imports; this package reproduces what its
+users had (``Module`` with lazy ``init``, ``train``/``eval``/``freeze``, kinds and
+``filter``; ``BatchNorm``/``LayerNorm``/``GroupNorm`` exactly as treex configured
+flax 0.4.1; ``Linear``/``Sequential``/``Lambda``) with every number computed by
+:mod:`normbridge.core`, plus ``RMSNorm``/``InstanceNorm``/``SpectralNorm``/
+``WeightNorm`` in treex style (additions treex never had). :func:`load` reads
+real treex checkpoints (pickle, cloudpickle, msgpack, npz) without executing
+anything from the file; :func:`save` writes them; :func:`to_equinox` converts a
+loaded model to Equinox.
+"""
+
+from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
+from normbridge.adapters.treex.module import (
+    BatchStat,
+    Cache,
+    ModelState,
+    Module,
+    OptState,
+    Parameter,
+    Rng,
+    State,
+    TreePart,
+)
+from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
+
+__all__ = [
+    "BatchNorm",
+    "BatchStat",
+    "Cache",
+    "GroupNorm",
+    "Lambda",
+    "LayerNorm",
+    "Linear",
+    "ModelState",
+    "Module",
+    "OptState",
+    "Parameter",
+    "Rng",
+    "Sequential",
+    "State",
+    "TreePart",
+]
