@@ -1,0 +1,852 @@
+#!/usr/bin/env python
+"""Benchmark: each normbridge facade against the native layer it replaces.
+
+For every (facade, layer, shape) case the native layer and the facade layer are built with the
+same constructor arguments, the same parameters and the same input, and four functions are
+compiled with the framework's own jit (``jax.jit`` for linen/treex, ``nnx.jit`` for nnx,
+``eqx.filter_jit`` for equinox):
+
+* ``fwd``: the layer's output (train-mode BatchNorm also returns its updated statistics);
+* ``fwd+bwd``: the gradient of ``sum(y.astype(float32) ** 2)`` w.r.t. the input and the
+  parameters (train-mode BatchNorm also returns its updated statistics).
+
+The first call of each (trace + compile + one run) is timed separately. After two warm-up calls
+the four functions are timed *interleaved*: several rounds, each running every function for its
+share of the repetitions in a rotating order, so slow phases of a shared machine hit native and
+facade alike. Reported: the median per function, the ratio facade / native of the medians (target
+<= 1.05), the ratio of first-call times, the largest difference between the native and facade
+results (output and all gradients, first calls) and whether the optimized HLO of facade and
+native is the same program up to names (a ratio above 1 with the same HLO is noise).
+
+Run ``python benchmarks/bench.py --help``. The script re-executes itself with
+``GLIBC_TUNABLES`` set so that glibc recycles freed buffers instead of unmapping them; otherwise
+page faults on every fresh XLA buffer dominate the timings (see docs/benchmark.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+#: Allocator settings for the timed process: never mmap/unmap per buffer, never trim, one arena.
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
+
+FACADES: tuple[str, ...] = ("linen", "nnx", "equinox", "treex")
+
+#: Input shapes: name -> (full shape, quick-mode shape, dtype name).
+SHAPES: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
+    "tfm_f32": ((8192, 1024), (64, 128), "float32"),
+    "tfm_bf16": ((8192, 1024), (64, 128), "bfloat16"),
+    "conv_f32": ((64, 56, 56, 64), (4, 6, 6, 64), "float32"),
+    # SpectralNorm / WeightNorm wrap a Dense(1024 -> 1024); x is (batch, 1024).
+    "dense_f32": ((1024, 1024), (16, 64), "float32"),
+}
+
+#: Layer key -> display name.
+LAYERS: dict[str, str] = {
+    "bn_train": "BatchNorm train",
+    "bn_eval": "BatchNorm eval",
+    "layernorm": "LayerNorm",
+    "rmsnorm": "RMSNorm",
+    "groupnorm": "GroupNorm(32)",
+    "instancenorm": "InstanceNorm",
+    "spectralnorm": "SpectralNorm(Dense)",
+    "weightnorm": "WeightNorm(Dense)",
+}
+
+#: Which layers run on which shape (normalization layers on activations, wrappers on a Dense).
+SHAPE_LAYERS: dict[str, tuple[str, ...]] = {
+    "tfm_f32": ("bn_train", "bn_eval", "layernorm", "rmsnorm", "groupnorm", "instancenorm"),
+    "tfm_bf16": ("bn_train", "bn_eval", "layernorm", "rmsnorm", "groupnorm", "instancenorm"),
+    "conv_f32": ("bn_train", "bn_eval", "groupnorm", "instancenorm"),
+    "dense_f32": ("spectralnorm", "weightnorm"),
+}
+
+MOMENTUM = 0.99
+BN_EPS = 1e-5
+GROUPS = 32
+
+
+class Unsupported(Exception):
+    """The facade's framework has no such layer (e.g. equinox InstanceNorm): the case is skipped."""
+
+
+@dataclasses.dataclass
+class Impl:
+    """One side (native or facade) of a case: two compiled functions and their arguments."""
+
+    fwd: Callable[..., Any]
+    fwd_args: tuple[Any, ...]
+    bwd: Callable[..., Any]
+    bwd_args: tuple[Any, ...]
+    #: fwd result -> output array; bwd result -> pytree of gradients ``(d_params, d_x)``.
+    out_of: Callable[[Any], Any]
+    grads_of: Callable[[Any], Any]
+    #: paths of the leaves that were randomized (so the other side can randomize the same ones)
+    randomized: set[str] | None = None
+
+    def call_fwd(self) -> Any:
+        return self.fwd(*self.fwd_args)
+
+    def call_bwd(self) -> Any:
+        return self.bwd(*self.bwd_args)
+
+
+@dataclasses.dataclass
+class Result:
+    facade: str
+    layer: str
+    shape: str
+    dtype: str
+    fwd_native_ms: float
+    fwd_facade_ms: float
+    bwd_native_ms: float
+    bwd_facade_ms: float
+    compile_native_s: float
+    compile_facade_s: float
+    max_abs_diff: float
+    #: max |Δ| relative to max |native| over output and gradients
+    max_rel_diff: float
+    hlo: str
+    reps: int
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def fwd_ratio(self) -> float:
+        return self.fwd_facade_ms / self.fwd_native_ms
+
+    @property
+    def bwd_ratio(self) -> float:
+        return self.bwd_facade_ms / self.bwd_native_ms
+
+    @property
+    def compile_ratio(self) -> float:
+        return self.compile_facade_s / self.compile_native_s
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and parameters
+
+
+def _jnp() -> Any:
+    import jax.numpy as jnp
+
+    return jnp
+
+
+def make_input(shape: tuple[int, ...], dtype: str, seed: int = 0) -> Any:
+    """Deterministic input with a non-zero mean per feature (so centring matters)."""
+    import jax
+
+    jnp = _jnp()
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(k1, shape, jnp.float32) * 2.0 + jax.random.normal(k2, shape[-1:], jnp.float32)
+    return x.astype(dtype)
+
+
+def _path_name(path: Any) -> str:
+    """keystr of a leaf path, without nnx's trailing ``.value`` (a Variable and a plain array
+    stored at the same place get the same name)."""
+    import jax
+
+    return jax.tree_util.keystr(path).removesuffix(".value")
+
+
+def randomize(tree: Any, seed: int = 1, only: set[str] | None = None) -> Any:
+    """Add N(0, 0.1²) noise to every floating leaf, keyed by the leaf's path.
+
+    Native and facade trees with the same layout therefore get identical values, and parameters
+    stay near their inits (scale ≈ 1, var ≈ 1 > 0), so every case computes something non-trivial.
+    ``only``: randomize just these paths (``jax.tree_util.keystr``), e.g. those the native side has.
+    """
+    import jax
+
+    jnp = _jnp()
+
+    def leaf(path: Any, v: Any) -> Any:
+        name = _path_name(path)
+        if not (hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)):
+            return v
+        if only is not None and name not in only:
+            return v
+        key = jax.random.PRNGKey(zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF)
+        return (v + 0.1 * jax.random.normal(key, v.shape, jnp.float32)).astype(v.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _loss_of(y: Any) -> Any:
+    jnp = _jnp()
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-framework drivers: build an Impl from a namespace of layer classes (native or facade)
+
+
+def _linen_module(ns: Any, layer: str, features: int, dtype: Any, *, treex_defaults: bool = False) -> tuple[Any, bool]:
+    """A linen module (native ``flax.linen`` or the linen facade) and whether it updates batch stats."""
+    import flax.linen as nn
+
+    eps = {"epsilon": 1e-5} if treex_defaults else {}
+    if layer in ("bn_train", "bn_eval"):
+        m = ns.BatchNorm(use_running_average=layer == "bn_eval", momentum=MOMENTUM, epsilon=BN_EPS, dtype=dtype)
+        return m, layer == "bn_train"
+    if layer == "layernorm":
+        return ns.LayerNorm(dtype=dtype, **eps), False
+    if layer == "rmsnorm":
+        return ns.RMSNorm(dtype=dtype, **eps), False
+    if layer == "groupnorm":
+        return ns.GroupNorm(num_groups=GROUPS, dtype=dtype, **eps), False
+    if layer == "instancenorm":
+        return ns.InstanceNorm(dtype=dtype, **eps), False
+    if layer == "spectralnorm":
+        return ns.SpectralNorm(nn.Dense(features)), True
+    if layer == "weightnorm":
+        return ns.WeightNorm(nn.Dense(features)), False
+    raise Unsupported(layer)
+
+
+def linen_impl(ns: Any, layer: str, x: Any, dtype: Any, *, treex_defaults: bool = False) -> Impl:
+    """``jax.jit(module.apply)``; train BatchNorm / SpectralNorm with ``mutable=['batch_stats']``."""
+    import jax
+
+    m, mutates = _linen_module(ns, layer, x.shape[-1], dtype, treex_defaults=treex_defaults)
+    call_kw = {"update_stats": True} if layer == "spectralnorm" else {}
+    variables = randomize(dict(m.init(jax.random.PRNGKey(0), x, **call_kw)))
+    params = variables.pop("params", {})
+    rest = variables
+
+    def apply(params: Any, rest: Any, x: Any) -> tuple[Any, Any]:
+        if mutates:
+            return m.apply({"params": params, **rest}, x, mutable=["batch_stats"], **call_kw)
+        return m.apply({"params": params, **rest}, x, **call_kw), {}
+
+    def loss(params: Any, x: Any, rest: Any) -> tuple[Any, Any]:
+        y, upd = apply(params, rest, x)
+        return _loss_of(y), upd
+
+    fwd = jax.jit(apply)
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    return Impl(fwd, (params, rest, x), bwd, (params, x, rest), lambda r: r[0], lambda r: r[0])
+
+
+def nnx_impl(ns: Any, layer: str, x: Any, dtype: Any, only: set[str] | None = None) -> Impl:
+    """``nnx.jit`` over the module (state updated in place) and ``nnx.grad`` w.r.t. (Params, x)."""
+    from flax import nnx
+
+    c = x.shape[-1]
+    rngs = nnx.Rngs(0)
+    kw = {"dtype": dtype, "rngs": rngs}
+    if layer in ("bn_train", "bn_eval"):
+        m = ns.BatchNorm(c, use_running_average=layer == "bn_eval", momentum=MOMENTUM, epsilon=BN_EPS, **kw)
+    elif layer == "layernorm":
+        m = ns.LayerNorm(c, **kw)
+    elif layer == "rmsnorm":
+        m = ns.RMSNorm(c, **kw)
+    elif layer == "groupnorm":
+        m = ns.GroupNorm(c, num_groups=GROUPS, **kw)
+    elif layer == "instancenorm":
+        m = ns.InstanceNorm(c, **kw)
+    elif layer == "spectralnorm":
+        m = ns.SpectralNorm(nnx.Linear(c, c, rngs=nnx.Rngs(1)), rngs=rngs)
+    elif layer == "weightnorm":
+        m = ns.WeightNorm(nnx.Linear(c, c, rngs=nnx.Rngs(1)), rngs=rngs)
+    else:
+        raise Unsupported(layer)
+    import jax
+
+    graphdef, state = nnx.split(m)
+    state = randomize(state, only=only)
+    # separate copies for fwd and fwd+bwd: native SpectralNorm/WeightNorm overwrite the kernel in
+    # place on every call, so a shared module would hand the two sides different first inputs
+    m = nnx.merge(graphdef, state)
+    m_bwd = nnx.merge(graphdef, jax.tree_util.tree_map(lambda v: v.copy() if hasattr(v, "copy") else v, state))
+    paths = {_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+    @nnx.jit
+    def fwd(m: Any, x: Any) -> Any:
+        return m(x)
+
+    @nnx.jit
+    def bwd(m: Any, x: Any) -> Any:
+        return nnx.grad(lambda m, x: _loss_of(m(x)), argnums=(0, 1))(m, x)
+
+    return Impl(fwd, (m, x), bwd, (m_bwd, x), lambda r: r, lambda r: (nnx.to_pure_dict(r[0]), r[1]), paths)
+
+
+def equinox_impl(ns: Any, layer: str, x: Any, dtype: Any) -> Impl:
+    """``eqx.filter_jit``; the layer is ``jax.vmap``-ed over the batch and sees channels first.
+
+    BatchNorm: ``make_with_state``, ``axis_name='batch'``, ``mode='batch'`` (eval: one training
+    step first, so the de-biased running statistics are finite). bf16: LayerNorm/RMSNorm/GroupNorm
+    upcast internally and return bf16; BatchNorm gets ``dtype=bfloat16`` (its only bf16 output).
+    """
+    import equinox as eqx
+    import jax
+
+    jnp = _jnp()
+    # channels first, same bytes: (N, C) stays, (N, H, W, C) -> (N, C, H, W)
+    xc = x if x.ndim == 2 else jnp.moveaxis(x, -1, 1)
+    c = xc.shape[1]
+    key = jax.random.PRNGKey(1)
+    state = None
+    if layer in ("bn_train", "bn_eval"):
+        bn_dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else None
+        model, state = eqx.nn.make_with_state(ns.BatchNorm)(
+            c, axis_name="batch", momentum=MOMENTUM, eps=BN_EPS, mode="batch", dtype=bn_dtype
+        )
+    elif layer == "layernorm":
+        model = ns.LayerNorm(xc.shape[1:])
+    elif layer == "rmsnorm":
+        model = ns.RMSNorm(xc.shape[1:], use_bias=False)
+    elif layer == "groupnorm":
+        model = ns.GroupNorm(GROUPS, c)
+    elif layer == "spectralnorm":
+        model, state = eqx.nn.make_with_state(ns.SpectralNorm)(eqx.nn.Linear(c, c, key=key), "weight", key=key)
+    elif layer == "weightnorm":
+        model = ns.WeightNorm(eqx.nn.Linear(c, c, key=key))
+    else:
+        raise Unsupported(f"equinox has no {LAYERS[layer]}")
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    model = eqx.combine(randomize(params), static)
+    inference = layer == "bn_eval"
+
+    if state is None:
+
+        def run(model: Any, state: Any, x: Any) -> tuple[Any, Any]:
+            return jax.vmap(model)(x), None
+
+    else:
+
+        def run(model: Any, state: Any, x: Any) -> tuple[Any, Any]:
+            call = (lambda x, s: model(x, s, inference=True)) if inference else model
+            return jax.vmap(call, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    if inference:  # populate the running statistics with one training step
+        _, state = eqx.filter_jit(lambda m, s, x: jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+            x, s))(model, state, xc)
+
+    fwd = eqx.filter_jit(run)
+
+    @eqx.filter_jit
+    def bwd(model: Any, state: Any, x: Any) -> Any:
+        def loss(mx: Any, state: Any) -> tuple[Any, Any]:
+            y, new_state = run(mx[0], state, mx[1])
+            return _loss_of(y), new_state
+
+        return eqx.filter_grad(loss, has_aux=True)((model, x), state)
+
+    return Impl(
+        fwd, (model, state, xc), bwd, (model, state, xc), lambda r: r[0], lambda r: eqx.filter(r[0], eqx.is_array)
+    )
+
+
+def _last_key_values(tree: Any) -> dict[str, Any]:
+    """``{last path component: leaf}``, e.g. linen ``params/scale`` and treex ``0/scale`` -> ``scale``."""
+    from normbridge.conformance.measure import tree_paths
+
+    return {path.split("/")[-1]: leaf for path, leaf in tree_paths(tree).items()}
+
+
+def treex_impl(ns: Any, layer: str, x: Any, dtype: Any, values: dict[str, Any]) -> Impl:
+    """The treex facade, used the treex way: ``Module.init(key, x)``, ``.train()``/``.eval()``,
+    ``jax.jit`` over the module, gradients w.r.t. ``module.parameters()`` merged back in.
+
+    fwd returns ``(y, module)`` (treex modules update their batch statistics by mutation inside
+    the jitted function, so they must be returned). ``values`` are the native reference's
+    randomized parameters and statistics by name, copied in so both sides compute the same thing.
+    """
+    import jax
+
+    kw = {"dtype": dtype}
+    if layer in ("bn_train", "bn_eval"):
+        m = ns.BatchNorm(momentum=MOMENTUM, epsilon=BN_EPS, **kw)
+    elif layer == "layernorm" and hasattr(ns, "LayerNorm"):
+        m = ns.LayerNorm(**kw)
+    elif layer == "rmsnorm" and hasattr(ns, "RMSNorm"):
+        m = ns.RMSNorm(**kw)
+    elif layer == "groupnorm" and hasattr(ns, "GroupNorm"):
+        m = ns.GroupNorm(num_groups=GROUPS, **kw)
+    elif layer == "instancenorm" and hasattr(ns, "InstanceNorm"):
+        m = ns.InstanceNorm(**kw)
+    else:
+        raise Unsupported(f"the treex facade has no {LAYERS[layer]}")
+    m = m.init(jax.random.PRNGKey(0), x)
+    m = m.eval() if layer == "bn_eval" else m.train()
+
+    def take(path: Any, leaf: Any) -> Any:
+        v = values.get(jax.tree_util.keystr(path, simple=True, separator="/").split("/")[-1])
+        ok = v is not None and getattr(v, "shape", None) == getattr(leaf, "shape", ()) and v.dtype == leaf.dtype
+        return v if ok else leaf
+
+    m = jax.tree_util.tree_map_with_path(take, m)
+
+    def fwd(m: Any, x: Any) -> tuple[Any, Any]:
+        y = m(x)
+        return y, m
+
+    def loss(params: Any, m: Any, x: Any) -> tuple[Any, Any]:
+        m = m.merge(params)
+        return _loss_of(m(x)), m
+
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
+    return Impl(
+        jax.jit(fwd),
+        (m, x),
+        bwd,
+        (m.parameters(), m, x),
+        lambda r: r[0],
+        lambda r: (_last_key_values(r[0][0]), r[0][1]),
+    )
+
+
+def _linen_as_treex(ns: Any, layer: str, x: Any, dtype: Any) -> Impl:
+    """Native reference for the treex facade: flax.linen configured the way treex configured it
+    (treex wrapped linen; compute dtype float32 by default, LayerNorm/GroupNorm epsilon 1e-5)."""
+    return linen_impl(ns, layer, x, dtype, treex_defaults=True)
+
+
+def build_pair(facade: str, layer: str, x: Any, *, native_as_facade: bool = False) -> tuple[Impl, Impl]:
+    """(native, facade) implementations of one case; raises ImportError / Unsupported to skip it."""
+    jnp = _jnp()
+    dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else None
+    if facade == "linen":
+        native = importlib.import_module("flax.linen")
+        fac = native if native_as_facade else importlib.import_module("normbridge.adapters.linen")
+        return linen_impl(native, layer, x, dtype), linen_impl(fac, layer, x, dtype)
+    if facade == "nnx":
+        native = importlib.import_module("flax.nnx")
+        fac = native if native_as_facade else importlib.import_module("normbridge.adapters.nnx")
+        ref = nnx_impl(native, layer, x, dtype)
+        # only the parameters native has are randomized: a facade Param native keeps as a plain
+        # array (WeightNorm scales) stays at its init on both sides
+        return ref, nnx_impl(fac, layer, x, dtype, only=ref.randomized)
+    if facade == "equinox":
+        native = importlib.import_module("equinox.nn")
+        fac = native if native_as_facade else importlib.import_module("normbridge.adapters.equinox")
+        return equinox_impl(native, layer, x, dtype), equinox_impl(fac, layer, x, dtype)
+    if facade == "treex":
+        if layer in ("spectralnorm", "weightnorm"):
+            raise Unsupported(f"treex has no {LAYERS[layer]}")
+        native = importlib.import_module("flax.linen")
+        tdtype = dtype or jnp.float32  # treex's default compute dtype
+        if native_as_facade:
+            return _linen_as_treex(native, layer, x, tdtype), _linen_as_treex(native, layer, x, tdtype)
+        fac = importlib.import_module("normbridge.adapters.treex")
+        ref = _linen_as_treex(native, layer, x, tdtype)
+        params, rest, _ = ref.fwd_args
+        values = _last_key_values({"params": params, **rest})
+        return ref, treex_impl(fac, layer, x, tdtype, values)
+    raise ValueError(f"unknown facade {facade!r}; expected one of {FACADES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison of results and of compiled programs
+
+
+def max_diff(native: Any, facade: Any, notes: list[str] | None = None) -> tuple[float, float]:
+    """(max |Δ|, max |Δ| / max |native|) over the floating leaves of two pytrees, matched by path.
+
+    The relative figure divides by the largest native value of the whole tree, not leaf by leaf:
+    some gradients are pure cancellation noise (train BatchNorm's d/dx of sum(y²) is 0 in exact
+    arithmetic) and would look wildly "wrong" relative to themselves. Leaves present on one side
+    only are compared on the common paths and reported in ``notes`` (e.g. a facade that makes a
+    native plain array trainable has one more gradient); no common leaf at all is an infinite
+    difference.
+    """
+    import numpy as np
+
+    from normbridge.conformance.measure import tree_paths
+
+    jnp = _jnp()
+    a, b = tree_paths(native), tree_paths(facade)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return math.inf, math.inf
+    if notes is not None and set(a) != set(b):
+        notes.append(f"native-only {sorted(set(a) - set(b))}, facade-only {sorted(set(b) - set(a))}")
+    worst_abs, scale = 0.0, 0.0
+    for k in common:
+        if not (hasattr(a[k], "dtype") and jnp.issubdtype(a[k].dtype, jnp.floating)):
+            continue  # integer counters, keys: not results
+        va = np.asarray(a[k]).astype(np.float64)
+        vb = np.asarray(b[k]).astype(np.float64)
+        if va.shape != vb.shape:
+            return math.inf, math.inf
+        if va.size == 0:
+            continue
+        worst_abs = max(worst_abs, float(np.max(np.abs(va - vb))))
+        scale = max(scale, float(np.max(np.abs(va))))
+    return worst_abs, (worst_abs / scale if scale > 0 else worst_abs)
+
+
+_REF = re.compile(r"%([\w.\-]+)")
+_PARAM = re.compile(r"([\w.\-]+): ")
+_META = re.compile(r",?\s*(metadata|frontend_attributes|backend_config|sharding)=\{[^{}]*(\{[^{}]*\}[^{}]*)*\}")
+
+
+def canonical_hlo(text: str) -> str:
+    """Optimized HLO with instruction/computation names numbered by first appearance and
+    metadata (source locations, op names) dropped, so two programs that differ only in
+    naming compare equal."""
+    names: dict[str, str] = {}
+
+    def rename(mt: re.Match[str]) -> str:
+        return "%" + names.setdefault(mt.group(1), f"v{len(names)}")
+
+    def rename_param(mt: re.Match[str]) -> str:
+        return names.setdefault(mt.group(1), f"v{len(names)}") + ": "
+
+    lines = []
+    started = False
+    for line in text.splitlines():
+        started = started or line.startswith(("%", "ENTRY"))
+        if not started or not line.strip():  # module header and the source-location tables
+            continue
+        line = _META.sub("", line)
+        if line.rstrip().endswith("{") and "->" in line:  # computation header: named parameters
+            line = _PARAM.sub(rename_param, line)
+        lines.append(_REF.sub(rename, line).strip())
+    return "\n".join(lines)
+
+
+def entry_kernels(text: str) -> int:
+    """Kernels the ENTRY computation launches (fusions and unfused ops, not parameters/tuples)."""
+    entry = text.split("ENTRY", 1)[-1]
+    skip = ("parameter(", "tuple(", "get-tuple-element(", "constant(", "bitcast(")
+    n = 0
+    for line in entry.splitlines()[1:]:
+        if line.strip() == "}":
+            break
+        if "=" in line and not any(s in line for s in skip):
+            n += 1
+    return n
+
+
+def compiled_text(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
+    """Optimized HLO of a jitted function (jax.jit, nnx.jit and eqx.filter_jit all have .lower)."""
+    try:
+        compiled = fn.lower(*args).compile()
+        compiled = getattr(compiled, "compiled", compiled)  # equinox wraps jax's Compiled
+        return compiled.as_text()
+    except Exception:  # a framework without .lower: no HLO column, the timing still stands
+        return None
+
+
+def hlo_summary(native: Impl, facade: Impl) -> str:
+    """``same`` when the optimized programs are identical up to names, else the kernel counts."""
+    parts = []
+    for which in ("fwd", "bwd"):
+        tn = compiled_text(getattr(native, which), getattr(native, f"{which}_args"))
+        tf = compiled_text(getattr(facade, which), getattr(facade, f"{which}_args"))
+        if tn is None or tf is None:
+            parts.append("?")
+        elif canonical_hlo(tn) == canonical_hlo(tf):
+            parts.append("same")
+        else:
+            parts.append(f"{entry_kernels(tn)}→{entry_kernels(tf)}k")
+    return " / ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Repetition policy: per function ``clamp(target_s / t_call, min_reps, max_reps)`` reps."""
+
+    target_fwd_s: float = 0.5
+    target_bwd_s: float = 0.8
+    min_reps: int = 12
+    max_reps: int = 80
+    rounds: int = 4
+    warmup: int = 2
+
+
+#: Quick mode (a smoke run): tiny inputs, one activation shape plus the Dense wrappers, few reps.
+QUICK_SHAPES: tuple[str, ...] = ("tfm_f32", "dense_f32")
+QUICK_TIMING = Timing(target_fwd_s=0.01, target_bwd_s=0.01, min_reps=3, max_reps=6, rounds=3, warmup=1)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    import jax
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - t0, out
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], reps: Sequence[int], rounds: int) -> list[list[float]]:
+    """Samples (seconds) per function; each round runs every function for its share of reps in a
+    rotating order (and reversed every other round), Python GC off while timing."""
+    import jax
+
+    samples: list[list[float]] = [[] for _ in fns]
+    idx = list(range(len(fns)))
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            order = idx[r % len(idx) :] + idx[: r % len(idx)]
+            if r % 2:
+                order.reverse()
+            for i in order:
+                for _ in range(max(1, math.ceil(reps[i] / rounds))):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fns[i]())
+                    samples[i].append(time.perf_counter() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return samples
+
+
+def run_case(facade: str, layer: str, shape_name: str, *, quick: bool = False, timing: Timing | None = None,
+             native_as_facade: bool = False, hlo: bool = True) -> Result:
+    """Build, check and time one case (raises ImportError / Unsupported when it cannot run)."""
+    full, small, dtype_name = SHAPES[shape_name]
+    timing = timing or (QUICK_TIMING if quick else Timing())
+    x = make_input(small if quick else full, dtype_name)
+    native, fac = build_pair(facade, layer, x, native_as_facade=native_as_facade)
+
+    # first calls (trace + compile + run), in the same order for both sides so that stateful
+    # layers (nnx in-place updates) see the same history; their results are what gets compared
+    c_nf, out_n = _timed(native.call_fwd)
+    c_ff, out_f = _timed(fac.call_fwd)
+    c_nb, grad_n = _timed(native.call_bwd)
+    c_fb, grad_f = _timed(fac.call_bwd)
+    notes: list[str] = []
+    d_abs_y, d_rel_y = max_diff(native.out_of(out_n), fac.out_of(out_f), notes)
+    d_abs_g, d_rel_g = max_diff(native.grads_of(grad_n), fac.grads_of(grad_f), notes)
+    del out_n, out_f, grad_n, grad_f
+
+    fns = [native.call_fwd, fac.call_fwd, native.call_bwd, fac.call_bwd]
+    est = []
+    for f in fns:
+        t = 0.0
+        for _ in range(timing.warmup):
+            t, _ = _timed(f)
+        est.append(max(t, 1e-6))
+    targets = [timing.target_fwd_s] * 2 + [timing.target_bwd_s] * 2
+    reps = [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+    samples = interleaved(fns, reps, timing.rounds)
+    med = [statistics.median(s) * 1e3 for s in samples]
+    return Result(
+        facade=facade,
+        layer=LAYERS[layer],
+        shape=shape_name,
+        dtype=dtype_name,
+        fwd_native_ms=med[0],
+        fwd_facade_ms=med[1],
+        bwd_native_ms=med[2],
+        bwd_facade_ms=med[3],
+        compile_native_s=c_nf + c_nb,
+        compile_facade_s=c_ff + c_fb,
+        max_abs_diff=max(d_abs_y, d_abs_g),
+        max_rel_diff=max(d_rel_y, d_rel_g),
+        hlo=hlo_summary(native, fac) if hlo else "-",
+        reps=min(len(s) for s in samples),
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+COLUMNS = (
+    "facade", "layer", "shape", "dtype", "fwd native ms", "fwd facade ms", "fwd ratio", "fwd+bwd native ms",
+    "fwd+bwd facade ms", "fwd+bwd ratio", "compile ratio", "max|Δ|", "HLO fwd / bwd",
+)
+TARGET = 1.05
+
+
+def _rel_tol(dtype: str) -> float:
+    from normbridge.conformance.measure import REL_TOL
+
+    return REL_TOL.get(dtype, 1e-6)
+
+
+def row_cells(r: Result) -> list[str]:
+    def ratio(v: float) -> str:
+        return f"**{v:.2f}**" if v > TARGET else f"{v:.2f}"
+
+    # a sanity flag, not the conformance verdict (tests/conformance is): reassociation in float32
+    # gives ~1e-6 relative, half precision about one ulp; flag ten times / two ulps more
+    tol = 1e-5 if r.dtype == "float32" else 2 * _rel_tol(r.dtype)
+    delta = f"{r.max_abs_diff:.1e}" + (" ⚠" if r.max_rel_diff > tol else "")
+    return [
+        r.facade, r.layer, r.shape, r.dtype, f"{r.fwd_native_ms:.2f}", f"{r.fwd_facade_ms:.2f}", ratio(r.fwd_ratio),
+        f"{r.bwd_native_ms:.2f}", f"{r.bwd_facade_ms:.2f}", ratio(r.bwd_ratio), f"{r.compile_ratio:.2f}", delta,
+        r.hlo,
+    ]
+
+
+def header(argv: Sequence[str], wall_s: float, quick: bool) -> list[str]:
+    from normbridge.conformance.matrix import versions
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    v = versions()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        "# normbridge benchmark: facade vs native",
+        "",
+        f"Generated by `python benchmarks/bench.py {' '.join(argv)}`" + (" (quick mode: tiny shapes, not a measurement)"
+                                                                          if quick else "") + ".",
+        "",
+        f"- Date: {now}; wall time {wall_s:.0f} s.",
+        f"- Machine: {cpu}, {os.cpu_count()} cores, {platform.platform()}, CPU backend.",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        f"- Allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset)'}.",
+        "- ms = median of all interleaved repetitions; ratio = facade / native (target <= 1.05, above in **bold**);",
+        "  compile ratio = first-call time (trace + compile + run) of fwd and fwd+bwd, facade / native;",
+        "  max|Δ| = largest |native - facade| over the output and all gradients (⚠ above float tolerance);",
+        "  HLO = whether the optimized XLA programs are identical up to names (`same`) or their ENTRY",
+        "  kernel counts native→facade.",
+        "",
+    ]
+
+
+def to_markdown(results: Sequence[Result], argv: Sequence[str], wall_s: float, quick: bool,
+                skipped: Sequence[str]) -> str:
+    lines = header(argv, wall_s, quick)
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|---|---|---|---|" + "---:|" * 8 + "---|")
+    for r in results:
+        lines.append("| " + " | ".join(row_cells(r)) + " |")
+    over = [r for r in results if max(r.fwd_ratio, r.bwd_ratio) > TARGET]
+    lines += ["", f"{len(results)} cases; {len(over)} with a ratio above {TARGET}."]
+    noted = [f"- {r.facade} {r.layer} {r.shape}: {n}" for r in results for n in r.notes]
+    if noted:
+        lines += ["", "Result trees (max|Δ| is over the common leaves):", "", *noted]
+    if skipped:
+        lines += ["", "Skipped:", "", *[f"- {s}" for s in skipped]]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def print_results(results: Sequence[Result]) -> None:
+    widths = [max(len(c), *(len(row_cells(r)[i]) for r in results)) for i, c in enumerate(COLUMNS)]
+    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
+    for r in results:
+        print("  ".join(c.ljust(w) for c, w in zip(row_cells(r), widths)))
+
+
+def cases(facades: Sequence[str], layers: Sequence[str] | None, shapes: Sequence[str]) -> list[tuple[str, str, str]]:
+    out = []
+    for facade in facades:
+        for shape in shapes:
+            for layer in SHAPE_LAYERS[shape]:
+                if layers is None or layer in layers:
+                    out.append((facade, layer, shape))
+    return out
+
+
+def run(facades: Sequence[str], layers: Sequence[str] | None, shapes: Sequence[str], *, quick: bool = False,
+        native_as_facade: bool = False, hlo: bool = True, log: Callable[[str], None] = print
+        ) -> tuple[list[Result], list[str]]:
+    """Run every case; a facade that does not import or lacks a layer is skipped with a message."""
+    results: list[Result] = []
+    skipped: list[str] = []
+    dead: dict[str, str] = {}
+    for facade, layer, shape in cases(facades, layers, shapes):
+        name = f"{facade} {LAYERS[layer]} {shape}"
+        if facade in dead:
+            continue
+        try:
+            t0 = time.perf_counter()
+            r = run_case(facade, layer, shape, quick=quick, native_as_facade=native_as_facade, hlo=hlo)
+        except ImportError as err:
+            dead[facade] = f"{facade}: facade not importable ({err}); all its cases skipped"
+            skipped.append(dead[facade])
+            log(f"SKIP {dead[facade]}")
+            continue
+        except Unsupported as err:
+            skipped.append(f"{name}: {err}")
+            log(f"SKIP {name}: {err}")
+            continue
+        except Exception as err:  # one broken facade layer must not hide the other measurements
+            skipped.append(f"{name}: FAILED {type(err).__name__}: {str(err)[:200]}")
+            log(f"FAIL {name}: {type(err).__name__}: {err}")
+            continue
+        results.append(r)
+        log(f"{name}: fwd {r.fwd_ratio:.2f} ({r.fwd_native_ms:.2f}/{r.fwd_facade_ms:.2f} ms), fwd+bwd "
+            f"{r.bwd_ratio:.2f} ({r.bwd_native_ms:.2f}/{r.bwd_facade_ms:.2f} ms), compile {r.compile_ratio:.2f}, "
+            f"max|Δ| {r.max_abs_diff:.1e}, HLO {r.hlo} [{time.perf_counter() - t0:.1f} s]")
+    return results, skipped
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--facade", action="append", choices=FACADES, help="only these facades (repeatable)")
+    p.add_argument("--layer", action="append", choices=tuple(LAYERS), help="only these layers (repeatable)")
+    p.add_argument("--shape", action="append", choices=tuple(SHAPES), help="only these shapes (repeatable)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny shapes, few repetitions, shapes {QUICK_SHAPES} unless --shape (a smoke run, < 60 s)")
+    p.add_argument("--markdown", metavar="PATH", help="also write the table as markdown to PATH")
+    p.add_argument("--no-hlo", action="store_true", help="skip the HLO comparison (saves one compile per function)")
+    p.add_argument("--no-reexec", action="store_true", help="do not re-execute with the GLIBC_TUNABLES allocator")
+    p.add_argument("--native-as-facade", action="store_true", help=argparse.SUPPRESS)  # harness self-test
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if not args.no_reexec and os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES:
+        # the allocator reads GLIBC_TUNABLES at process start, so the setting needs a fresh process
+        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+    t0 = time.perf_counter()
+    results, skipped = run(
+        args.facade or FACADES,
+        args.layer,
+        args.shape or (QUICK_SHAPES if args.quick else tuple(SHAPES)),
+        quick=args.quick,
+        native_as_facade=args.native_as_facade,
+        hlo=not args.no_hlo,
+    )
+    wall = time.perf_counter() - t0
+    if results:
+        print()
+        print_results(results)
+    for s in skipped:
+        print(f"skipped: {s}")
+    if args.markdown:
+        write_atomic(args.markdown, to_markdown(results, argv, wall, args.quick, skipped))
+        print(f"wrote {args.markdown}")
+    print(f"{len(results)} cases in {wall:.0f} s")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
