@@ -24,11 +24,13 @@ from normbridge.adapters.treex.module import (
     TreePart,
 )
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
+from normbridge.adapters.treex.serialization import CheckpointError, UnsafePickleError, dumps, load, save, state_dict
 
 __all__ = [
     "BatchNorm",
     "BatchStat",
     "Cache",
+    "CheckpointError",
     "GroupNorm",
     "Lambda",
     "LayerNorm",
@@ -41,4 +43,9 @@ __all__ = [
     "Sequential",
     "State",
     "TreePart",
+    "UnsafePickleError",
+    "dumps",
+    "load",
+    "save",
+    "state_dict",
 ]

@@ -1,0 +1,262 @@
+"""Measuring the treex facade against checkpoints written by the real treex 0.6.12.
+
+The fixtures (``<name>.{pickle,cloudpickle,pickle_np,cloudpickle_np}.pkl``,
+``<name>.state.{msgpack,npz}``, ``<name>.expected.npz`` and ``manifest.json``)
+are the ground truth. Each function here loads a fixture through
+:func:`normbridge.adapters.treex.load` and returns named comparisons against the
+recorded outputs and statistics; ``tests/conformance/test_treex_fixtures.py``
+asserts on every one, ``normbridge.conformance.treex.rows`` summarizes them.
+
+Tolerances (from the issue): float32 within 1e-6 relative to max |expected|,
+float16 within 1e-3; saved leaves and freshly initialized leaves bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normbridge.conformance.measure import Diff, diff
+
+#: Relative tolerance per output dtype for fixture reproduction.
+FIXTURE_TOL = {"float32": 1e-6, "float16": 1e-3}
+PICKLE_FORMATS = ("pickle", "cloudpickle", "pickle_np", "cloudpickle_np")
+LEAF_FORMATS = ("flax_msgpack_state_dict", "npz_state_dict")
+
+
+class FixturesNotFound(FileNotFoundError):
+    """The treex fixture folder is missing."""
+
+
+def fixtures_dir(explicit: str | os.PathLike | None = None) -> pathlib.Path:
+    """``explicit``, else ``$NORMBRIDGE_TREEX_FIXTURES``, else ``../shared/fixtures/treex`` from the cwd or the repo."""
+    candidates = []
+    if explicit is not None:
+        candidates.append(pathlib.Path(explicit))
+    if os.environ.get("NORMBRIDGE_TREEX_FIXTURES"):
+        candidates.append(pathlib.Path(os.environ["NORMBRIDGE_TREEX_FIXTURES"]))
+    candidates.append(pathlib.Path.cwd().parent / "shared" / "fixtures" / "treex")
+    candidates.append(pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "treex")
+    for c in candidates:
+        if (c / "manifest.json").is_file():
+            return c
+    raise FixturesNotFound(
+        "treex fixtures not found (set NORMBRIDGE_TREEX_FIXTURES or run from the repo next to shared/): "
+        + ", ".join(str(c) for c in candidates)
+    )
+
+
+def manifest(folder: pathlib.Path) -> list[dict[str, Any]]:
+    with open(folder / "manifest.json", encoding="utf-8") as fh:
+        return json.load(fh)["fixtures"]
+
+
+def fixture_files(folder: pathlib.Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(fixture, file)`` for every checkpoint file listed in the manifest and present on disk."""
+    for fx in manifest(folder):
+        for fl in fx["files"]:
+            if fl["format"] != "expected_npz" and (folder / fl["file"]).is_file():
+                yield fx, fl
+
+
+def expected(folder: pathlib.Path, fx: dict[str, Any]) -> dict[str, np.ndarray]:
+    with np.load(folder / f"{fx['name']}.expected.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------- configurations
+_NAMES = {
+    "jax.numpy.float32": jnp.float32,
+    "jax.numpy.float16": jnp.float16,
+    "jax.nn.initializers.zeros": jax.nn.initializers.zeros,
+    "jax.nn.initializers.ones": jax.nn.initializers.ones,
+}
+
+
+def _config(layer: str, static: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    from normbridge.adapters import treex as tx
+
+    cls = getattr(tx, layer)
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    cfg = {k: _NAMES.get(v, v) if isinstance(v, str) else v for k, v in static.items() if k in params}
+    cfg.update({k: v for k, v in extra.items() if k in params and k not in cfg})
+    return cfg
+
+
+def build(fx: dict[str, Any]) -> Any:
+    """A fresh facade module with the fixture's configuration (what a user would write as a template)."""
+    from normbridge.adapters import treex as tx
+
+    layer = fx["layer"].rsplit(".", 1)[-1]
+    if layer == "Sequential":
+        layers = []
+        for sub in fx["sublayers"]:
+            cls = sub["class"].rsplit(".", 1)[-1]
+            st = sub["static_fields"]
+            if cls == "Linear":
+                layers.append(tx.Linear(st["features_out"], use_bias=st["use_bias"]))
+            elif cls == "Lambda":
+                layers.append(tx.Lambda(getattr(jax.nn, st["f"].rsplit(".", 1)[-1])))
+            else:
+                momentum = 0.9 if "momentum=0.9" in fx["config"]["layers"][sub["index"]] else 0.99
+                layers.append(getattr(tx, cls)(**_config(cls, st, {"momentum": momentum})))
+        return tx.Sequential(*layers)
+    return getattr(tx, layer)(**_config(layer, fx["static_fields"], fx["config"]))
+
+
+def init_seed(fx: dict[str, Any]) -> int:
+    """The seed of ``.init(seed, x_init)`` recorded in the notes."""
+    note = fx["notes"]
+    return int(note.split(".init(", 1)[1].split(",", 1)[0])
+
+
+def template(fx: dict[str, Any], exp: dict[str, np.ndarray]) -> Any:
+    """``build(fx).init(seed, x_init)`` with the saved flags: the template for leaves-only formats."""
+    module = build(fx).init(init_seed(fx), exp["x_init"])
+    flags = fx["saved_flags"]
+    module = module.train(flags["training"]).freeze(flags["frozen"])
+    return module
+
+
+def load_file(folder: pathlib.Path, fx: dict[str, Any], fl: dict[str, Any]) -> Any:
+    """Load one fixture file as a facade module (leaves-only formats through :func:`template`)."""
+    from normbridge.adapters import treex as tx
+
+    path = folder / fl["file"]
+    if fl["format"] in LEAF_FORMATS:
+        return tx.load(path, template=template(fx, expected(folder, fx)))
+    return tx.load(path)
+
+
+# ------------------------------------------------------------------ measuring
+Case = tuple[str, Diff, float]
+
+
+def _case(name: str, want: np.ndarray, got: Any, tol: float | None = None) -> Case:
+    # measure.diff views the bytes as uint8, which numpy refuses for 0-d arrays.
+    want = np.atleast_1d(np.asarray(want))
+    got = np.atleast_1d(np.asarray(got))
+    return name, diff(want, got), tol if tol is not None else FIXTURE_TOL.get(str(want.dtype), 1e-6)
+
+
+def ok(case: Case) -> bool:
+    _, d, tol = case
+    return d.within(tol)
+
+
+def _bn(module: Any) -> Any:
+    return module.layers[1] if type(module).__name__ == "Sequential" else module
+
+
+def reproduce(fx: dict[str, Any], module: Any, exp: dict[str, np.ndarray]) -> list[Case]:
+    """Outputs and statistics of ``module`` (as loaded) against the recorded ones; ``module`` is not changed."""
+    x = exp["x"]
+    seq = fx["layer"].endswith("Sequential")
+    pre = "bn_" if seq else ""
+    has_stats = f"{pre}mean_saved" in exp
+    cases: list[Case] = []
+    # saved leaves, bitwise
+    for leaf in ("scale", "bias", "mean", "var"):
+        if f"{pre}{leaf}_saved" in exp:
+            cases.append(_case(f"{leaf}_saved", exp[f"{pre}{leaf}_saved"], getattr(_bn(module), leaf), 0.0))
+    m = module.copy()
+    cases.append(_case("y_as_saved", exp["y_as_saved"], m(x)))
+    if has_stats and f"{pre}mean_after_as_saved_call" in exp:
+        cases.append(_case("mean_after_as_saved_call", exp[f"{pre}mean_after_as_saved_call"], _bn(m).mean))
+        cases.append(_case("var_after_as_saved_call", exp[f"{pre}var_after_as_saved_call"], _bn(m).var))
+    m = module.train().unfreeze()
+    cases.append(_case("y_train", exp["y_train"], m(x)))
+    if has_stats:
+        cases.append(_case("mean_after_train_call", exp[f"{pre}mean_after_train_call"], _bn(m).mean))
+        cases.append(_case("var_after_train_call", exp[f"{pre}var_after_train_call"], _bn(m).var))
+    m = module.eval()
+    cases.append(_case("y_eval", exp["y_eval"], m(x)))
+    if has_stats:
+        cases.append(_case("eval leaves stats unchanged", exp[f"{pre}mean_saved"], _bn(m).mean, 0.0))
+    if "y_frozen_train" in exp:
+        m = module.train().freeze()
+        cases.append(_case("y_frozen_train", exp["y_frozen_train"], m(x)))
+        cases.append(_case("frozen leaves stats unchanged", exp["var_saved"], m.var, 0.0))
+    if "y_use_running_average_true" in exp:
+        m = module.train().unfreeze()
+        cases.append(_case("y_use_running_average_true", exp["y_use_running_average_true"], m(x, True)))
+        m = module.eval()
+        cases.append(_case("y_use_running_average_false", exp["y_use_running_average_false"], m(x, False)))
+        cases.append(_case("mean_after_use_running_average_false", exp["mean_after_use_running_average_false"], m.mean))
+        cases.append(_case("var_after_use_running_average_false", exp["var_after_use_running_average_false"], m.var))
+    return cases
+
+
+def reproduce_init(fx: dict[str, Any], exp: dict[str, np.ndarray]) -> list[Case]:
+    """Fresh facade ``init`` leaves against ``init_*`` (bitwise), and the 3 recorded training calls' statistics."""
+    module = build(fx).init(init_seed(fx), exp["x_init"])
+    cases = [
+        _case(f"init_{k[5:]}", exp[k], getattr(module, k[5:]), 0.0) for k in sorted(exp) if k.startswith("init_")
+    ]
+    if "train_batch_0" in exp and "mean_saved" in exp:
+        m = module.copy()
+        for i in range(3):
+            m(exp[f"train_batch_{i}"])
+        cases.append(_case("mean after 3 training calls", exp["mean_saved"], m.mean))
+        cases.append(_case("var after 3 training calls", exp["var_saved"], m.var))
+    return cases
+
+
+def layout(fx: dict[str, Any], fl: dict[str, Any], module: Any) -> list[str]:
+    """Mismatches between the loaded module and the manifest: flags, static fields, leaves (kind, shape, dtype)."""
+    from normbridge.adapters.treex.module import Module
+
+    problems: list[str] = []
+    flags = fx["saved_flags"]
+    got = {"training": module.training, "frozen": module.frozen, "initialized": module.initialized}
+    if got != flags:
+        problems.append(f"flags {got} != saved {flags}")
+    static = fx.get("static_fields") or {}
+    for k, v in static.items():
+        have = getattr(module, k, "<missing>")
+        want = _NAMES.get(v, v) if isinstance(v, str) else v
+        if have is not want and have != want:
+            problems.append(f"static {k}: {have!r} != {v!r}")
+    jax_leaves = fl["format"] in ("pickle", "cloudpickle")
+    for leaf in fx["leaves"]:
+        obj: Any = module
+        *parents, name = leaf["path"].split("/")
+        for p in parents:
+            obj = obj[int(p)] if isinstance(obj, list) else getattr(obj, p)
+        value = getattr(obj, name, "<missing>")
+        if "value" in leaf:
+            if value is not None:
+                problems.append(f"{leaf['path']}: expected None")
+            continue
+        if not isinstance(value, jax.Array):
+            problems.append(f"{leaf['path']}: not a jax array ({type(value).__name__})")
+            continue
+        if list(value.shape) != leaf["shape"] or str(value.dtype) != leaf["dtype"]:
+            problems.append(f"{leaf['path']}: {value.shape} {value.dtype} != {leaf['shape']} {leaf['dtype']}")
+        if jax_leaves and bool(value.weak_type) != leaf["weak_type"]:
+            problems.append(f"{leaf['path']}: weak_type {value.weak_type} != {leaf['weak_type']}")
+        assert isinstance(obj, Module)
+        kind = obj._field_metadata[name].kind
+        want_kind = leaf["kind"].rsplit(".", 1)[-1] if leaf["kind"].startswith("treex.types.") else "NoneType"
+        if kind.__name__ != want_kind:
+            problems.append(f"{leaf['path']}: kind {kind.__name__} != {want_kind}")
+    return problems
+
+
+def quiet_load_dict(path: pathlib.Path) -> Any:
+    """``load`` without a template (expects and swallows the UserWarning)."""
+    from normbridge.adapters import treex as tx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return tx.load(path)
