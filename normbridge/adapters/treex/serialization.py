@@ -397,6 +397,15 @@ def _value_global(v: Any, where: str) -> Any:
     )
 
 
+def _kind(kind: Any) -> Any:
+    """treex pickles name only treex kinds and ``str``; treeo's auto-annotations (``int``...) become ``NoneType``."""
+    from normbridge.adapters.treex import module as kinds
+
+    if kind is str or (isinstance(kind, type) and issubclass(kind, kinds.TreePart)):
+        return kind
+    return type(None)
+
+
 def _plan(v: Any, where: str) -> Any:
     if isinstance(v, Module):
         cls = _SAVE_CLASS.get(type(v))
@@ -420,7 +429,7 @@ def _plan(v: Any, where: str) -> Any:
             if k in state or k in ("_training", "_frozen", "_initialized"):
                 meta[k] = _Obj(
                     "treeo.types.FieldMetadata",
-                    {"node": bool(m.node), "kind": _value_global(m.kind, f"{where}/{k}"), "opaque": False},
+                    {"node": bool(m.node), "kind": _value_global(_kind(m.kind), f"{where}/{k}"), "opaque": False},
                 )
         state["_field_metadata"] = meta
         return _Obj(cls, state)

@@ -1,0 +1,213 @@
+"""Hostile pickles: the restricted unpickler refuses them, names the GLOBAL and the file, and runs nothing."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import pickle
+import subprocess
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from normbridge.adapters import treex as tx
+from normbridge.adapters.treex import _unpickle as up
+
+
+class _Payload:
+    """Unpickling this object runs ``func(*args)`` (the classic pickle exploit)."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _write(tmp_path: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+@pytest.fixture
+def spy_unpickler(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every time the unpickler starts building objects."""
+    calls: list[str] = []
+    original = up.SafeUnpickler.load
+
+    def load(self):
+        calls.append(self.source)
+        return original(self)
+
+    monkeypatch.setattr(up.SafeUnpickler, "load", load)
+    return calls
+
+
+def test_payload_is_live_with_plain_pickle(tmp_path: pathlib.Path) -> None:
+    """Positive control: the same kind of payload really has a side effect under pickle.loads."""
+    target = tmp_path / "pwned_by_plain_pickle"
+    pickle.loads(pickle.dumps(_Payload(os.mkdir, str(target))))
+    assert target.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("func", "global_name"),
+    [
+        (os.mkdir, ("posix.mkdir",)),
+        (os.system, ("posix.system",)),
+        (eval, ("builtins.eval", "__builtin__.eval")),  # protocols < 3 write Python 2 names
+        (subprocess.Popen, ("subprocess.Popen", "commands.Popen")),
+        (exec, ("builtins.exec", "__builtin__.exec")),
+    ],
+)
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_hostile_global_refused_before_anything_is_built(
+    tmp_path: pathlib.Path, spy_unpickler: list[str], func, global_name: tuple[str, ...], protocol: int
+) -> None:
+    target = tmp_path / "pwned"
+    if func is os.mkdir:
+        args: tuple = (str(target),)
+    elif func is os.system:
+        args = (f"mkdir {target}",)
+    elif func is subprocess.Popen:
+        args = (["mkdir", str(target)],)
+    else:
+        args = (f"__import__('os').mkdir({str(target)!r})",)
+    path = _write(tmp_path, "evil.pkl", pickle.dumps(_Payload(func, *args), protocol=protocol))
+    with pytest.raises(tx.UnsafePickleError) as err:
+        tx.load(path, format="pickle")
+    msg = str(err.value)
+    assert any(f"GLOBAL '{g}'" in msg for g in global_name) and str(path) in msg
+    assert not target.exists()
+    assert spy_unpickler == []  # refused by the pre-scan: the unpickler never started
+
+
+def test_payload_hidden_after_allowed_treex_globals(tmp_path: pathlib.Path, spy_unpickler: list[str]) -> None:
+    """A real treex-layout module followed by a payload in the same pickle is refused as a whole, unbuilt."""
+    from normbridge.adapters.treex import serialization as ser
+
+    target = tmp_path / "pwned"
+    bn = tx.BatchNorm().init(0, np.zeros((2, 3), np.float32))
+    buf = io.BytesIO()
+    ser._TreexPickler(buf, protocol=4).dump([ser._plan(bn, ""), _Payload(os.mkdir, str(target))])
+    data = buf.getvalue()
+    assert data.index(b"treex.nn.norm") < data.index(b"mkdir")  # the allowed GLOBALs come first
+    path = _write(tmp_path, "evil_bn.pkl", data)
+    with pytest.raises(tx.UnsafePickleError, match=r"posix\.mkdir"):
+        tx.load(path)
+    assert not target.exists() and spy_unpickler == []
+
+
+def _memo_exploit(target: pathlib.Path) -> bytes:
+    """``posix.mkdir(target)`` through STACK_GLOBAL whose operands are fetched back from the memo."""
+    t = str(target).encode()
+    return (
+        pickle.PROTO + b"\x04"
+        + pickle.SHORT_BINUNICODE + bytes([5]) + b"posix" + pickle.MEMOIZE
+        + pickle.SHORT_BINUNICODE + bytes([5]) + b"mkdir" + pickle.MEMOIZE
+        + pickle.POP + pickle.POP
+        + pickle.BINGET + b"\x00" + pickle.BINGET + b"\x01" + pickle.STACK_GLOBAL
+        + pickle.SHORT_BINUNICODE + bytes([len(t)]) + t + pickle.TUPLE1
+        + pickle.REDUCE + pickle.STOP
+    )  # fmt: skip
+
+
+def test_memoized_stack_global_operands_are_tracked(tmp_path: pathlib.Path, spy_unpickler: list[str]) -> None:
+    """STACK_GLOBAL whose module/name strings come from the memo (BINGET) is still resolved and refused."""
+    control = tmp_path / "control"
+    pickle.loads(_memo_exploit(control))  # the crafted bytes are a working exploit for plain pickle
+    assert control.is_dir()
+    target = tmp_path / "pwned"
+    path = _write(tmp_path, "memo.pkl", _memo_exploit(target))
+    with pytest.raises(tx.UnsafePickleError, match=r"posix\.mkdir"):
+        tx.load(path)
+    assert not target.exists() and spy_unpickler == []
+
+
+def test_cloudpickle_code_object_refused(tmp_path: pathlib.Path, spy_unpickler: list[str]) -> None:
+    """cloudpickle ships functions by value (code objects): refused, naming cloudpickle's GLOBAL."""
+    target = tmp_path / "pwned"
+
+    def evil(x, _t=str(target)):
+        os.mkdir(_t)
+        return x
+
+    path = _write(tmp_path, "evil.cloudpickle.pkl", cloudpickle.dumps(tx.Lambda(evil)))
+    with pytest.raises(tx.UnsafePickleError) as err:
+        tx.load(path)
+    assert "cloudpickle" in str(err.value) or "normbridge" in str(err.value)
+    assert not target.exists() and spy_unpickler == []
+
+
+def test_sequential_fixture_cloudpickle_would_be_refused(treex_fixtures: pathlib.Path) -> None:
+    """The manifest lists the GLOBALs of the Sequential cloudpickles: their code-object GLOBALs are not allowed."""
+    import json
+
+    fx = next(f for f in json.loads((treex_fixtures / "manifest.json").read_text())["fixtures"]
+              if f["name"].startswith("sequential"))  # fmt: skip
+    names = next(f["pickle_globals"] for f in fx["files"] if f["format"] == "cloudpickle")
+    refused = [n for n in names if n not in up.ALLOWED]
+    assert "cloudpickle.cloudpickle._make_function" in refused
+    # Every GLOBAL the single-layer fixtures use is allowed.
+    for f in json.loads((treex_fixtures / "manifest.json").read_text())["fixtures"]:
+        if f["name"] == fx["name"]:
+            continue
+        for fl in f["files"]:
+            assert all(n in up.ALLOWED for n in fl.get("pickle_globals", [])), fl["file"]
+
+
+def test_allowed_value_global_cannot_be_called(tmp_path: pathlib.Path) -> None:
+    """REDUCE on an allowed name that is only a value (an initializer) is refused: Refs are not callable."""
+    ops = (
+        pickle.PROTO + b"\x04"
+        + pickle.GLOBAL + b"jax.nn.initializers\nzeros\n"
+        + pickle.MARK + pickle.NONE + pickle.MARK + pickle.BININT + (10**9).to_bytes(4, "little") + pickle.TUPLE
+        + pickle.TUPLE + pickle.REDUCE + pickle.STOP
+    )  # fmt: skip
+    with pytest.raises(tx.UnsafePickleError, match=r"jax\.nn\.initializers\.zeros may be referenced but not called"):
+        tx.load(_write(tmp_path, "call.pkl", ops))
+
+
+def test_builtins_type_only_maps_none(tmp_path: pathlib.Path) -> None:
+    ops = pickle.PROTO + b"\x04" + pickle.GLOBAL + b"builtins\ntype\n" + pickle.BININT1 + b"\x01" + pickle.TUPLE1
+    ops += pickle.REDUCE + pickle.STOP
+    with pytest.raises(tx.UnsafePickleError, match="type\\(None\\)"):
+        tx.load(_write(tmp_path, "type.pkl", ops))
+
+
+def test_object_dtype_arrays_refused(tmp_path: pathlib.Path) -> None:
+    """numpy object arrays unpickle arbitrary objects: only numeric dtypes are allowed."""
+    data = pickle.dumps(np.array([1, "a"], dtype=object), protocol=4)
+    with pytest.raises(tx.UnsafePickleError, match="numeric"):
+        tx.load(_write(tmp_path, "obj.pkl", data))
+
+
+def test_array_size_mismatch_refused(tmp_path: pathlib.Path) -> None:
+    good = pickle.dumps(np.arange(4, dtype=np.float32), protocol=2)
+    raw = np.arange(4, dtype=np.float32).tobytes()
+    bad = good.replace(raw, raw[:8])
+    bad = bad.replace(bytes([len(raw)]), bytes([8]), 1) if bad != good else bad
+    with pytest.raises((tx.UnsafePickleError, tx.CheckpointError, pickle.UnpicklingError)):
+        tx.load(_write(tmp_path, "short.pkl", bad))
+
+
+@pytest.mark.parametrize("opcode", [pickle.EXT1 + b"\x01", pickle.BINPERSID])
+def test_extension_and_persistent_opcodes_refused(tmp_path: pathlib.Path, opcode: bytes) -> None:
+    ops = pickle.PROTO + b"\x04" + pickle.NONE + opcode + pickle.STOP
+    with pytest.raises(tx.UnsafePickleError, match="not allowed"):
+        tx.load(_write(tmp_path, "ext.pkl", ops))
+
+
+def test_refusal_from_file_object_names_it() -> None:
+    buf = io.BytesIO(pickle.dumps(_Payload(os.getcwd)))
+    buf.name = "in-memory.pkl"
+    with pytest.raises(tx.UnsafePickleError, match=r"in-memory\.pkl.*posix\.getcwd"):
+        tx.load(buf)
+
+
+def test_non_module_pickle_is_a_checkpoint_error(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(tx.CheckpointError, match="does not hold a treex module"):
+        tx.load(_write(tmp_path, "list.pkl", pickle.dumps([1, 2, 3])))
