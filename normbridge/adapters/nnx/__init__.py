@@ -15,6 +15,12 @@ WeightNorm gains that are not Params, float masks) follow linen; see ``docs/nnx.
 """
 
 from normbridge.adapters.nnx._common import promote_dtype
+from normbridge.adapters.nnx.convert import (
+    from_canonical,
+    load_native_state,
+    restore_native_checkpoint,
+    to_canonical,
+)
 from normbridge.adapters.nnx.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normbridge.adapters.nnx.wrappers import SpectralNorm, WeightNorm
 
@@ -26,5 +32,9 @@ __all__ = [
     "RMSNorm",
     "SpectralNorm",
     "WeightNorm",
+    "from_canonical",
+    "load_native_state",
     "promote_dtype",
+    "restore_native_checkpoint",
+    "to_canonical",
 ]
