@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmark harness (benchmarks/bench.py), in quick mode on tiny inputs.
+
+These check that the harness runs every facade against its native layer and produces sane rows
+(finite ratios, matching outputs, an HLO verdict); they assert nothing about speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+from types import ModuleType
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("normbridge_bench", ROOT / "benchmarks" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _finite_row(bench: ModuleType, r: object) -> None:
+    for name in ("fwd_ratio", "bwd_ratio", "compile_ratio"):
+        v = getattr(r, name)
+        assert math.isfinite(v) and v > 0, (name, v)
+    for name in ("fwd_native_ms", "fwd_facade_ms", "bwd_native_ms", "bwd_facade_ms"):
+        assert getattr(r, name) > 0, name
+    assert r.reps >= bench.QUICK_TIMING.rounds  # every function was timed in every round
+
+
+@pytest.mark.parametrize(
+    ("facade", "layer"),
+    [("linen", "bn_train"), ("nnx", "layernorm"), ("equinox", "groupnorm"), ("treex", "bn_eval")],
+)
+def test_quick_case_produces_a_row(bench: ModuleType, facade: str, layer: str) -> None:
+    """One tiny case per facade: the facade imports, runs, agrees with native and gets finite ratios."""
+    r = bench.run_case(facade, layer, "tfm_f32", quick=True, hlo=False)
+    _finite_row(bench, r)
+    assert (r.facade, r.layer, r.shape, r.dtype) == (facade, bench.LAYERS[layer], "tfm_f32", "float32")
+    # the two sides did the same work: output and gradients agree within float32 tolerance
+    assert r.max_rel_diff <= 1e-5, r
+    assert r.notes == []
+
+
+def test_native_against_itself_is_identical(bench: ModuleType) -> None:
+    """The harness's own checks are live: native vs native gives bitwise results and the same HLO."""
+    r = bench.run_case("linen", "rmsnorm", "tfm_f32", quick=True, native_as_facade=True)
+    _finite_row(bench, r)
+    assert r.max_abs_diff == 0.0
+    assert r.hlo == "same / same"
+
+
+def test_hlo_comparison_tells_programs_apart(bench: ModuleType) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((8, 16))
+    f = jax.jit(lambda x: jnp.sum(x * 2.0, axis=-1))
+    g = jax.jit(lambda y: jnp.sum(y * 2.0, axis=-1))  # same program, different Python names
+    h = jax.jit(lambda x: jnp.sum(x * 3.0, axis=0))
+    tf, tg, th = (bench.compiled_text(fn, (x,)) for fn in (f, g, h))
+    assert tf is not None and th is not None
+    assert bench.canonical_hlo(tf) == bench.canonical_hlo(tg)
+    assert bench.canonical_hlo(tf) != bench.canonical_hlo(th)
+    assert bench.entry_kernels(tf) >= 1
+
+
+def test_max_diff_sees_differences_and_missing_leaves(bench: ModuleType) -> None:
+    import numpy as np
+
+    a = {"y": np.array([1.0, 2.0], np.float32), "g": np.array([4.0], np.float32)}
+    b = {"y": np.array([1.0, 2.5], np.float32), "g": np.array([4.0], np.float32)}
+    notes: list[str] = []
+    assert bench.max_diff(a, a, notes) == (0.0, 0.0)
+    d_abs, d_rel = bench.max_diff(a, b, notes)
+    assert d_abs == pytest.approx(0.5) and d_rel == pytest.approx(0.5 / 4.0)  # relative to the tree's max
+    assert notes == []
+    bench.max_diff(a, {**b, "extra": np.zeros(2, np.float32)}, notes)
+    assert notes and "extra" in notes[0]
+    assert bench.max_diff(a, {"other": np.zeros(1, np.float32)}) == (math.inf, math.inf)
+
+
+def test_main_writes_markdown_table(bench: ModuleType, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "results.md"
+    rc = bench.main(
+        ["--quick", "--no-reexec", "--no-hlo", "--facade", "linen", "--facade", "equinox", "--layer", "instancenorm",
+         "--shape", "tfm_bf16", "--markdown", str(out)]
+    )
+    assert rc == 0
+    text = out.read_text()
+    assert not (tmp_path / "results.md.tmp").exists()
+    assert "| " + " | ".join(bench.COLUMNS) + " |" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith(("| linen", "| equinox"))]
+    assert len(rows) == 1 and "| linen | InstanceNorm | tfm_bf16 | bfloat16 |" in rows[0]
+    # equinox has no InstanceNorm: skipped with a message, not silently
+    assert "equinox InstanceNorm tfm_bf16: equinox has no InstanceNorm" in text
+    assert "skipped: equinox InstanceNorm" in capsys.readouterr().out
+
+
+def test_ratio_above_target_is_bold(bench: ModuleType) -> None:
+    r = bench.Result("linen", "LayerNorm", "tfm_f32", "float32", 1.0, 1.2, 2.0, 2.0, 1.0, 1.0, 0.0, 0.0, "same", 5)
+    cells = dict(zip(bench.COLUMNS, bench.row_cells(r)))
+    assert cells["fwd ratio"] == "**1.20**" and cells["fwd+bwd ratio"] == "1.00"
+    md = bench.to_markdown([r], ["--quick"], 1.0, True, [])
+    assert "1 cases; 1 with a ratio above 1.05." in md
