@@ -143,9 +143,9 @@ Case = tuple[str, Diff, float]
 
 
 def _case(name: str, want: np.ndarray, got: Any, tol: float | None = None) -> Case:
-    # measure.diff views the bytes as uint8, which numpy refuses for 0-d arrays.
-    want = np.atleast_1d(np.asarray(want))
-    got = np.atleast_1d(np.asarray(got))
+    # measure.diff views the bytes as uint8, which numpy refuses for 0-d and non-contiguous arrays.
+    want = np.ascontiguousarray(np.atleast_1d(np.asarray(want)))
+    got = np.ascontiguousarray(np.atleast_1d(np.asarray(got)))
     return name, diff(want, got), tol if tol is not None else FIXTURE_TOL.get(str(want.dtype), 1e-6)
 
 
@@ -200,9 +200,7 @@ def reproduce(fx: dict[str, Any], module: Any, exp: dict[str, np.ndarray]) -> li
 def reproduce_init(fx: dict[str, Any], exp: dict[str, np.ndarray]) -> list[Case]:
     """Fresh facade ``init`` leaves against ``init_*`` (bitwise), and the 3 recorded training calls' statistics."""
     module = build(fx).init(init_seed(fx), exp["x_init"])
-    cases = [
-        _case(f"init_{k[5:]}", exp[k], getattr(module, k[5:]), 0.0) for k in sorted(exp) if k.startswith("init_")
-    ]
+    cases = [_case(f"init_{k[5:]}", exp[k], getattr(module, k[5:]), 0.0) for k in sorted(exp) if k.startswith("init_")]
     if "train_batch_0" in exp and "mean_saved" in exp:
         m = module.copy()
         for i in range(3):
@@ -260,3 +258,28 @@ def quiet_load_dict(path: pathlib.Path) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return tx.load(path)
+
+
+def channels_first(fx: dict[str, Any], module: Any, x: np.ndarray) -> bool:
+    """Whether ``x`` must be moved to ``(N, C, ...)`` for the Equinox equivalent of ``module``."""
+    layer = fx["layer"].rsplit(".", 1)[-1]
+    if layer == "GroupNorm":
+        return x.ndim > 2
+    if layer == "BatchNorm":
+        return x.ndim > 2 and module.axis in (-1, x.ndim - 1)
+    return False
+
+
+def equinox_eval(fx: dict[str, Any], module: Any, exp: dict[str, np.ndarray], backend: str = "equinox") -> Case:
+    """``to_equinox(module)`` run on the fixture's ``x`` (vmapped, channels first where needed) against ``y_eval``."""
+    from normbridge.adapters.treex.to_equinox import to_equinox
+
+    model, state = to_equinox(module, backend=backend)  # type: ignore[arg-type]
+    x = exp["x"]
+    move = channels_first(fx, module, x)
+    xe = np.moveaxis(x, -1, 1) if move else x
+    if fx["layer"].endswith("LayerNorm") and x.ndim > 2:
+        raise NotImplementedError("LayerNorm fixtures are 2-D")
+    y, _ = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(xe, state)
+    y = np.moveaxis(np.asarray(y), 1, -1) if move else np.asarray(y)
+    return _case(f"equinox[{backend}] y_eval", exp["y_eval"], y)

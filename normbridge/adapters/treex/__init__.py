@@ -25,6 +25,7 @@ from normbridge.adapters.treex.module import (
 )
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
 from normbridge.adapters.treex.serialization import CheckpointError, UnsafePickleError, dumps, load, save, state_dict
+from normbridge.adapters.treex.to_equinox import to_canonical, to_equinox
 
 __all__ = [
     "BatchNorm",
@@ -48,4 +49,6 @@ __all__ = [
     "load",
     "save",
     "state_dict",
+    "to_canonical",
+    "to_equinox",
 ]

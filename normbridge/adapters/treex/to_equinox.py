@@ -1,0 +1,214 @@
+"""treex → Equinox through the canonical :class:`~normbridge.core.NormRecord`.
+
+:func:`to_canonical` turns a treex facade norm layer into a ``NormRecord``;
+:func:`to_equinox` converts a whole loaded treex model (``Sequential``,
+``Linear``, ``Lambda``, ``BatchNorm``, ``LayerNorm``, ``GroupNorm``) to the
+equivalent Equinox model and its ``eqx.nn.State``:
+
+* ``BatchNorm`` → ``BatchNorm(C, axis_name, eps, momentum, mode="ema",
+  inference=True)`` with the treex running ``mean``/``var`` copied into the ema
+  state and ``first_time=False``: equinox's ema mode uses the stored statistics
+  as they are at inference, exactly like treex/flax (``stats_convention="ema"``);
+* ``LayerNorm`` → ``LayerNorm(C, eps, use_weight, use_bias)`` over the last axis;
+* ``GroupNorm`` → ``GroupNorm(G, C, eps, channelwise_affine)``;
+* ``Linear`` → ``eqx.nn.Linear(in, out)`` with ``weight = kernel.T`` (Equinox's
+  ``(out, in)``) and the same bias;
+* ``Lambda`` → ``eqx.nn.Lambda``; ``Sequential`` → ``eqx.nn.Sequential``.
+
+Equinox layers see **one example, channels first**: call the result as
+``jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)``
+with ``x`` moved to ``(N, C, ...)`` where the layer is spatial (BatchNorm with
+features last on rank > 2, GroupNorm). Equinox's BatchNorm and GroupNorm have
+one ``channelwise_affine`` switch for scale and bias together: a missing treex
+scale becomes ones and a missing bias zeros (``x·1`` and ``x+0`` are exact).
+treex casts every output to its ``dtype``; where that is not float32 the
+converter appends an ``eqx.nn.Lambda`` cast. Equinox computes in a different
+operation order (two-pass variance, ``(x-μ)/√(σ²+ε)``), so outputs agree to
+float32 rounding (≤ 1e-6 relative), not bitwise.
+
+``backend="normbridge"`` builds the norm layers from
+:mod:`normbridge.adapters.equinox` (same signatures and state), ``"equinox"``
+from ``equinox.nn``; ``"auto"`` prefers the facade when it imports.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from normbridge import core
+from normbridge._optional import require
+from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
+from normbridge.adapters.treex.module import Module
+from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
+
+__all__ = ["to_canonical", "to_equinox"]
+
+Backend = Literal["auto", "normbridge", "equinox"]
+
+
+def to_canonical(layer: Module) -> core.NormRecord:
+    """The canonical record of a treex ``BatchNorm``/``LayerNorm``/``GroupNorm`` (arrays shared, not copied)."""
+    opts = (("dtype", str(jnp.dtype(layer.dtype))), ("use_bias", layer.use_bias), ("use_scale", layer.use_scale))
+    if isinstance(layer, BatchNorm):
+        return core.NormRecord(
+            kind="batch_norm",
+            scale=layer.scale,
+            bias=layer.bias,
+            mean=layer.mean,
+            var=layer.var,
+            epsilon=float(layer.epsilon),
+            momentum=float(layer.momentum),
+            stats_convention="ema",
+            feature_axes=(int(layer.axis),),
+            options=opts,
+        )
+    if isinstance(layer, LayerNorm):
+        return core.NormRecord(
+            kind="layer_norm",
+            scale=layer.scale,
+            bias=layer.bias,
+            epsilon=float(layer.epsilon),
+            feature_axes=(-1,),
+            reduction_axes=(-1,),
+            options=opts,
+        )
+    if isinstance(layer, GroupNorm):
+        channels = _channels(layer)
+        num_groups = None
+        if channels is not None:
+            num_groups, _ = core.resolve_groups(channels, layer.num_groups, layer.group_size)
+        elif layer.num_groups is not None:
+            num_groups = layer.num_groups
+        return core.NormRecord(
+            kind="group_norm",
+            scale=layer.scale,
+            bias=layer.bias,
+            epsilon=float(layer.epsilon),
+            feature_axes=(-1,),
+            num_groups=num_groups,
+            options=(*opts, ("group_size", layer.group_size)),
+        )
+    raise TypeError(f"to_canonical: {type(layer).__name__} is not a treex normalization layer")
+
+
+def _channels(layer: Module) -> int | None:
+    for leaf in (layer.scale, layer.bias):
+        if leaf is not None:
+            return int(leaf.shape[-1])
+    return None
+
+
+def _nn(backend: Backend) -> Any:
+    eqx = require("equinox", facade="treex", extra="equinox")
+    if backend == "equinox":
+        return eqx.nn
+    try:
+        import normbridge.adapters.equinox as facade
+    except ImportError:
+        if backend == "normbridge":
+            raise
+        return eqx.nn
+    return facade
+
+
+def _affine(record: core.NormRecord, channels: int) -> tuple[jax.Array, jax.Array]:
+    scale = record.scale if record.scale is not None else jnp.ones((channels,), jnp.float32)
+    bias = record.bias if record.bias is not None else jnp.zeros((channels,), jnp.float32)
+    return scale, bias
+
+
+def _cast(dtype: Any) -> Any:
+    eqx = require("equinox", facade="treex", extra="equinox")
+    return eqx.nn.Lambda(functools.partial(jnp.asarray, dtype=dtype))
+
+
+def _convert(module: Any, nn: Any, key: jax.Array, axis_name: str, pending: dict[int, Any]) -> list[Any]:
+    """Equinox layers (a list, to allow a trailing dtype cast) for one treex module."""
+    eqx = require("equinox", facade="treex", extra="equinox")
+    if isinstance(module, Sequential):
+        out: list[Any] = []
+        for i, layer in enumerate(module.layers):
+            out.extend(_convert(layer, nn, jax.random.fold_in(key, i), axis_name, pending))
+        return [eqx.nn.Sequential(out)]
+    if isinstance(module, Lambda):
+        return [eqx.nn.Lambda(module.f)]
+    if isinstance(module, Linear):
+        if module.kernel is None:
+            raise ValueError("to_equinox: Linear is not initialized (kernel is None)")
+        n_in, n_out = module.kernel.shape
+        lin = eqx.nn.Linear(n_in, n_out, use_bias=module.use_bias, key=key)
+        lin = eqx.tree_at(lambda m: m.weight, lin, module.kernel.T)
+        if module.use_bias:
+            lin = eqx.tree_at(lambda m: m.bias, lin, module.bias)
+        layers = [lin]
+        if jnp.dtype(module.dtype) != jnp.float32:
+            layers.append(_cast(module.dtype))
+        return layers
+    if not isinstance(module, (BatchNorm, LayerNorm, GroupNorm)):
+        raise TypeError(f"to_equinox: no Equinox equivalent for {type(module).__name__}")
+    record = to_canonical(module)
+    if isinstance(module, BatchNorm):
+        if module.mean is None:
+            raise ValueError("to_equinox: BatchNorm is not initialized (mean is None)")
+        channels = int(module.mean.shape[0])
+        layer = nn.BatchNorm(
+            channels,
+            axis_name=axis_name,
+            eps=record.epsilon,
+            channelwise_affine=True,
+            momentum=record.momentum,
+            inference=True,
+            mode="ema",
+        )
+        scale, bias = _affine(record, channels)
+        layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, (scale, bias))
+        # The running statistics go into the State after the model is assembled (see to_equinox).
+        pending[id(layer)] = (record.mean, record.var)
+    elif isinstance(module, LayerNorm):
+        channels = _channels(module)
+        if channels is None:
+            raise ValueError("to_equinox: a LayerNorm without scale and bias does not know its size")
+        layer = nn.LayerNorm(channels, eps=record.epsilon, use_weight=module.use_scale, use_bias=module.use_bias)
+        if module.use_scale:
+            layer = eqx.tree_at(lambda m: m.weight, layer, record.scale)
+        if module.use_bias:
+            layer = eqx.tree_at(lambda m: m.bias, layer, record.bias)
+    else:
+        channels = _channels(module)
+        if channels is None or record.num_groups is None:
+            raise ValueError("to_equinox: a GroupNorm without scale and bias does not know its channels")
+        layer = nn.GroupNorm(record.num_groups, channels, eps=record.epsilon, channelwise_affine=True)
+        scale, bias = _affine(record, channels)
+        layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, (scale, bias))
+    layers = [layer]
+    if jnp.dtype(module.dtype) != jnp.float32:
+        layers.append(_cast(module.dtype))
+    return layers
+
+
+def to_equinox(
+    module: Module, *, backend: Backend = "auto", axis_name: str = "batch", key: jax.Array | None = None
+) -> tuple[Any, Any]:
+    """``(equinox_model, eqx.nn.State)`` computing what ``module.eval()`` computes (see the module docstring).
+
+    ``key`` only seeds the throw-away initial weights of ``eqx.nn.Linear`` (they
+    are replaced). The result is in inference mode; train it further with
+    ``eqx.nn.inference_mode(model, False)`` (equinox's ema rules then apply).
+    """
+    eqx = require("equinox", facade="treex", extra="equinox")
+    nn = _nn(backend)
+    key = jax.random.PRNGKey(0) if key is None else key
+    pending: dict[int, tuple[jax.Array, jax.Array]] = {}  # id(equinox BatchNorm) -> treex (mean, var)
+    layers = _convert(module, nn, key, axis_name, pending)
+    model = layers[0] if len(layers) == 1 else eqx.nn.Sequential(layers)
+    state = eqx.nn.State(model)
+    nodes = jax.tree_util.tree_leaves(model, is_leaf=lambda x: id(x) in pending)
+    for bn in (n for n in nodes if id(n) in pending):
+        mean, var = pending[id(bn)]
+        state = state.set(bn.ema_state_index, (mean, var))
+        state = state.set(bn.ema_first_time_index, jnp.array(False))
+    return model, state
