@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from normbridge import core
 from normbridge.adapters.equinox._common import default_floating_dtype, eqx
@@ -147,7 +148,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 mean, var = state.get(self.ema_state_index)
             else:
                 first_time = state.get(self.ema_first_time_index)
-                state = state.set(self.ema_first_time_index, jnp.array(False))
+                # equinox stores jnp.array(False), whose abstract value lacks the pmap axis' sharding, so
+                # State.set rejects it under jax.pmap (ValueError); full_like keeps the stored value's type.
+                state = state.set(self.ema_first_time_index, lax.full_like(first_time, False))
                 batch_mean, batch_var = self._batch_stats(x)
                 running_mean, running_var = state.get(self.ema_state_index)
                 # bf16 input with f32 state: lax.select raises TypeError, as in equinox.

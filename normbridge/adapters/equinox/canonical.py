@@ -28,6 +28,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from normbridge.adapters.equinox._common import eqx
 from normbridge.core import NormRecord, SpectralVectors
@@ -177,11 +178,13 @@ def from_canonical(record: NormRecord, like: Any, state: Any = None) -> tuple[An
         if record.count is None:
             raise ValueError(f"{fn}: BatchNorm needs the record's count (first-time flag or batch counter)")
         state = state.set(index, (mean, var))
+        # lax.full_like keeps the stored scalar's dtype and weak type, which State.set checks.
         if like.mode == "ema":
-            state = state.set(like.ema_first_time_index, jnp.asarray(record.count) == 0)
+            first = state.get(like.ema_first_time_index)
+            state = state.set(like.ema_first_time_index, lax.full_like(first, jnp.asarray(record.count) == 0))
         else:
             counter = state.get(like.batch_counter)
-            state = state.set(like.batch_counter, jnp.asarray(record.count).astype(counter.dtype))
+            state = state.set(like.batch_counter, lax.full_like(counter, record.count))
         return layer, state
     if kind in ("layer_norm", "rms_norm", "group_norm", "instance_norm"):
         return layer, state
