@@ -244,7 +244,7 @@ class WrapperCase:
     """SpectralNorm/WeightNorm around a ``Linear(in, out)`` or a ``Conv(in, out, (k, k))``."""
 
     layer: str
-    inner: str = "Linear"  # or "Conv"
+    inner: str = "Linear"  # or "Conv", or "Tensor3" (a 3-D kernel without convolution: cheap to compile)
     features: tuple[int, int] = (3, 4)
     kwargs: tuple[tuple[str, Any], ...] = ()
     dtype: str = "float32"
@@ -253,13 +253,28 @@ class WrapperCase:
     seed: int = 0
 
     def input_shape(self) -> tuple[int, ...]:
-        return (2, self.features[0]) if self.inner == "Linear" else (2, 5, 5, self.features[0])
+        if self.inner == "Conv":
+            return (2, 5, 5, self.features[0])
+        return (2, self.features[0])
+
+
+class Tensor3(nnx.Module):
+    """``y[n, j, k] = Σ_i x[n, i] kernel[i, j, k]`` with a ``(in, 2, out)`` kernel: a >2-D weight for the wrappers."""
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, 2, dout)) / din)
+        self.bias = nnx.Param(jnp.zeros((dout,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("ni,ijk->njk", x, self.kernel[...]) + self.bias[...]
 
 
 def build_inner(case: WrapperCase) -> Any:
     rngs = nnx.Rngs(case.seed)
     if case.inner == "Linear":
         return nnx.Linear(*case.features, rngs=rngs)
+    if case.inner == "Tensor3":
+        return Tensor3(*case.features, rngs=rngs)
     return nnx.Conv(*case.features, kernel_size=(3, 3), rngs=rngs)
 
 
@@ -619,7 +634,7 @@ def mask_deviation(
     quirk, follows = [], []
     for layer in layers:
         kwargs = (("num_groups", 2),) if layer == "GroupNorm" else ()
-        case = NormCase(layer, (4, 3, 6), kwargs=kwargs)
+        case = NormCase(layer, (2, 3, 4), kwargs=kwargs)
         native, fac = build_norm(getattr(nnx, layer), case), build_norm(getattr(facade, layer), case)
         x = make_input(case.shape, "float32", 3)
         mask = make_mask(case.shape, 3)
