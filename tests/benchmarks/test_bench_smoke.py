@@ -71,6 +71,11 @@ def test_hlo_comparison_tells_programs_apart(bench: ModuleType) -> None:
     assert bench.canonical_hlo(tf) == bench.canonical_hlo(tg)
     assert bench.canonical_hlo(tf) != bench.canonical_hlo(th)
     assert bench.entry_kernels(tf) >= 1
+    # a program with an extra x-sized pass has one more big kernel
+    two = jax.jit(lambda x: (x * 2.0, jnp.exp(x)))
+    k1, big1 = bench.kernel_profile(tf)
+    k2, big2 = bench.kernel_profile(bench.compiled_text(two, (x,)))
+    assert (k1, big1) == (1, 1) and (k2, big2) == (2, 2)
 
 
 def test_max_diff_sees_differences_and_missing_leaves(bench: ModuleType) -> None:
