@@ -11,6 +11,7 @@ anything from the file; :func:`save` writes them; :func:`to_equinox` converts a
 loaded model to Equinox.
 """
 
+from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
 from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import (
     BatchStat,
@@ -33,6 +34,7 @@ __all__ = [
     "Cache",
     "CheckpointError",
     "GroupNorm",
+    "InstanceNorm",
     "Lambda",
     "LayerNorm",
     "Linear",
@@ -40,11 +42,14 @@ __all__ = [
     "Module",
     "OptState",
     "Parameter",
+    "RMSNorm",
     "Rng",
     "Sequential",
+    "SpectralNorm",
     "State",
     "TreePart",
     "UnsafePickleError",
+    "WeightNorm",
     "dumps",
     "load",
     "save",
