@@ -612,7 +612,8 @@ class Timing:
     target_bwd_s: float = 0.8
     min_reps: int = 16
     max_reps: int = 80
-    rounds: int = 8
+    #: 0 = one call per function per round (finest interleaving)
+    rounds: int = 0
     warmup: int = 2
 
 
@@ -630,10 +631,12 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def interleaved(fns: Sequence[Callable[[], Any]], reps: Sequence[int], rounds: int) -> list[list[float]]:
-    """Samples (seconds) per function; each round runs every function for its share of reps in a
-    rotating order (and reversed every other round), Python GC off while timing."""
+    """Samples (seconds) per function, interleaved: function i's ``reps[i]`` calls are spread evenly
+    over ``rounds`` rounds (0 = as many rounds as the largest rep count, i.e. one call per function
+    per round), each round in a rotating order, reversed every other round. Python GC is off."""
     import jax
 
+    rounds = rounds or max(reps)
     samples: list[list[float]] = [[] for _ in fns]
     idx = list(range(len(fns)))
     gc_was = gc.isenabled()
@@ -644,7 +647,7 @@ def interleaved(fns: Sequence[Callable[[], Any]], reps: Sequence[int], rounds: i
             if r % 2:
                 order.reverse()
             for i in order:
-                for _ in range(max(1, math.ceil(reps[i] / rounds))):
+                for _ in range(reps[i] * (r + 1) // rounds - reps[i] * r // rounds):
                     t0 = time.perf_counter()
                     jax.block_until_ready(fns[i]())
                     samples[i].append(time.perf_counter() - t0)
