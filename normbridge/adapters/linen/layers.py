@@ -287,7 +287,10 @@ class GroupNorm(nn.Module):
         try:
             num_groups, group_size = core.resolve_groups(channels, self.num_groups, self.group_size)
         except ValueError as err:
-            raise ValueError(f"GroupNorm: {err}") from None
+            raise ValueError(
+                f"GroupNorm: {err} (num_groups={self.num_groups!r}, group_size={self.group_size!r}, "
+                f"channels={channels})"
+            ) from None
 
         if mask is not None:
             mask = core.split_groups(mask, num_groups)
