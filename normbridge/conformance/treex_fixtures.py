@@ -122,7 +122,9 @@ def init_seed(fx: dict[str, Any]) -> int:
 
 def template(fx: dict[str, Any], exp: dict[str, np.ndarray]) -> Any:
     """``build(fx).init(seed, x_init)`` with the saved flags: the template for leaves-only formats."""
-    module = build(fx).init(init_seed(fx), exp["x_init"])
+    fresh = build(fx)
+    # jit: the lazy init of a whole model runs many small ops (a compile each when eager)
+    module = jax.jit(lambda x: fresh.init(init_seed(fx), x))(exp["x_init"])
     flags = fx["saved_flags"]
     module = module.train(flags["training"]).freeze(flags["frozen"])
     return module
@@ -220,6 +222,8 @@ def layout(fx: dict[str, Any], fl: dict[str, Any], module: Any) -> list[str]:
     if got != flags:
         problems.append(f"flags {got} != saved {flags}")
     static = fx.get("static_fields") or {}
+    if fl["format"] in LEAF_FORMATS:
+        static = {}  # leaves-only formats take their configuration from the template
     for k, v in static.items():
         have = getattr(module, k, "<missing>")
         want = _NAMES.get(v, v) if isinstance(v, str) else v

@@ -33,8 +33,7 @@ def test_fixture_reproduced(item: tuple[dict, dict]) -> None:
     exp = tf.expected(FOLDER, fx)
     module = tf.load_file(FOLDER, fx, fl)
     assert isinstance(module, tx.Module)
-    if fl["format"] not in tf.LEAF_FORMATS:  # leaves-only formats take config and flags from the template
-        assert tf.layout(fx, fl, module) == []
+    assert tf.layout(fx, fl, module) == []  # leaves-only formats: config and flags from the template
     cases = tf.reproduce(fx, module, exp)
     assert len(cases) >= 4
     bad = [f"{name}: {d.text()} (tol {tol})" for name, d, tol in cases if not d.within(tol)]

@@ -228,6 +228,11 @@ _CLASSES = (
     "treex.nn.linear.Linear",
     "treex.nn.sequential.Sequential",
     "treex.nn.sequential.Lambda",
+    # The additions (never in treex), as normbridge's save() names them.
+    "normbridge.adapters.treex.RMSNorm",
+    "normbridge.adapters.treex.InstanceNorm",
+    "normbridge.adapters.treex.SpectralNorm",
+    "normbridge.adapters.treex.WeightNorm",
     "treeo.types.FieldMetadata",
 )
 PLACEHOLDERS: dict[str, type[Placeholder]] = {name: _placeholder(name) for name in _CLASSES}

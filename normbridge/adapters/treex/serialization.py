@@ -38,6 +38,7 @@ import numpy as np
 
 from normbridge._optional import require
 from normbridge.adapters.treex import _unpickle as up
+from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
 from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import Module, to
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
@@ -68,7 +69,7 @@ def detect_format(data: bytes) -> Format:
     """``"pickle"`` (protocol 2–5 header), ``"npz"`` (zip) or ``"msgpack"`` (a map)."""
     if len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5:
         return "pickle"
-    if data[:4] == b"PK\x03\x04":
+    if data[:2] == b"PK":  # zip: local header, or the end record of an empty archive
         return "npz"
     if data and (0x80 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF)):
         return "msgpack"
@@ -82,12 +83,18 @@ _NORM_STATIC = {
                   "axis_name", "axis_index_groups"),
     "LayerNorm": ("epsilon", "dtype", "use_bias", "use_scale", "bias_init", "scale_init"),
     "GroupNorm": ("num_groups", "group_size", "epsilon", "dtype", "use_bias", "use_scale", "bias_init", "scale_init"),
+    "RMSNorm": ("epsilon", "dtype", "use_scale", "scale_init"),
+    "InstanceNorm": ("epsilon", "dtype", "use_bias", "use_scale", "bias_init", "scale_init"),
 }  # fmt: skip
 _LEAVES = {
     "BatchNorm": ("mean", "var", "scale", "bias"),
     "LayerNorm": ("scale", "bias"),
     "GroupNorm": ("scale", "bias"),
     "Linear": ("kernel", "bias"),
+    "RMSNorm": ("scale",),
+    "InstanceNorm": ("scale", "bias"),
+    "SpectralNorm": ("u", "sigma"),
+    "WeightNorm": ("scale",),
 }
 _CLASSES: dict[str, type[Module]] = {
     "BatchNorm": BatchNorm,
@@ -96,6 +103,10 @@ _CLASSES: dict[str, type[Module]] = {
     "Linear": Linear,
     "Sequential": Sequential,
     "Lambda": Lambda,
+    "RMSNorm": RMSNorm,
+    "InstanceNorm": InstanceNorm,
+    "SpectralNorm": SpectralNorm,
+    "WeightNorm": WeightNorm,
 }
 
 
@@ -153,6 +164,17 @@ def _module(p: up.Placeholder, source: str, where: str) -> Module:
             )
         elif cls_name == "Lambda":
             module = Lambda(get("f"))
+        elif cls_name == "SpectralNorm":
+            module = SpectralNorm(
+                get("layer"), n_steps=get("n_steps"), epsilon=get("epsilon"),
+                error_on_non_matrix=get("error_on_non_matrix"),
+            )  # fmt: skip
+        elif cls_name == "WeightNorm":
+            fa = get("feature_axes")
+            module = WeightNorm(
+                get("layer"), epsilon=get("epsilon"), use_scale=get("use_scale"), scale_init=get("scale_init"),
+                feature_axes=tuple(fa) if isinstance(fa, list) else fa,
+            )  # fmt: skip
         else:
             module = Sequential()
             layers = get("layers")
@@ -368,6 +390,11 @@ _SAVE_CLASS = {
     Linear: "treex.nn.linear.Linear",
     Sequential: "treex.nn.sequential.Sequential",
     Lambda: "treex.nn.sequential.Lambda",
+    # Additions: not treex classes; named after the facade so that only normbridge's loader reads them.
+    RMSNorm: "normbridge.adapters.treex.RMSNorm",
+    InstanceNorm: "normbridge.adapters.treex.InstanceNorm",
+    SpectralNorm: "normbridge.adapters.treex.SpectralNorm",
+    WeightNorm: "normbridge.adapters.treex.WeightNorm",
 }
 
 
