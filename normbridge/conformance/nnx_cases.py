@@ -513,31 +513,34 @@ def groupnorm_deviation(
     return quirk, follows
 
 
-def _linen_wrapped(kind: str, out: int) -> Any:
+def _linen_wrapped(kind: str, out: int, linen_ns: Any = None) -> Any:
     import flax.linen as nn
+
+    ns = linen_ns or nn
 
     class Wrapped(nn.Module):
         @nn.compact
         def __call__(self, x: jax.Array, update_stats: bool = True) -> jax.Array:
             if kind == "SpectralNorm":
-                return nn.SpectralNorm(nn.Dense(out))(x, update_stats=update_stats)
-            return nn.WeightNorm(nn.Dense(out))(x)
+                return ns.SpectralNorm(nn.Dense(out))(x, update_stats=update_stats)
+            return ns.WeightNorm(nn.Dense(out))(x)
 
     return Wrapped()
 
 
-def wrapper_deviation(layer: str, steps: int = 3) -> tuple[list[Check], list[Check]]:
+def wrapper_deviation(layer: str, steps: int = 3, linen_ns: Any = None) -> tuple[list[Check], list[Check]]:
     """nnx SpectralNorm/WeightNorm overwrite the wrapped kernel on every call (google/flax#5576);
     nnx WeightNorm's gains are plain arrays, so ``nnx.grad`` never sees them. The facade keeps
     the raw kernel and trainable ``nnx.Param`` gains and reproduces linen's ``apply`` on
     ``steps`` successive calls (outputs, u/σ) and linen's gradients (kernel, bias, gains).
+    ``linen_ns`` replaces ``flax.linen`` for the wrapper class (e.g. the linen facade).
     """
     case = WrapperCase(layer, features=(3, 4))
     native, fac = build_wrapper(getattr(nnx, layer), case), build_wrapper(getattr(facade, layer), case)
     randomize_params([native, fac], jax.random.key(5))
     k0 = fac.layer_instance.kernel.get_value()
     b0 = fac.layer_instance.bias.get_value()
-    lin = _linen_wrapped(layer, 4)
+    lin = _linen_wrapped(layer, 4, linen_ns)
     variables = jax.tree.map(lambda a: a, lin.init(jax.random.key(0), jnp.ones((2, 3))))
     params = variables["params"]
     params["Dense_0"] = {"kernel": k0, "bias": b0}
