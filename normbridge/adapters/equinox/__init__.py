@@ -9,15 +9,23 @@ checkpoint format (:func:`save` / :func:`load`) that also reads plain
 """
 
 from normbridge.adapters.equinox.batch_norm import BatchNorm
+from normbridge.adapters.equinox.canonical import from_canonical, to_canonical
+from normbridge.adapters.equinox.checkpoint import CheckpointMismatchError, LoadReport, load, save
 from normbridge.adapters.equinox.normalisation import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normbridge.adapters.equinox.wrappers import SpectralNorm, WeightNorm
 
 __all__ = [
     "BatchNorm",
+    "CheckpointMismatchError",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
+    "LoadReport",
     "RMSNorm",
     "SpectralNorm",
     "WeightNorm",
+    "from_canonical",
+    "load",
+    "save",
+    "to_canonical",
 ]
