@@ -1,6 +1,6 @@
 """``flax.linen`` facade: drop-in replacements for linen's seven normalization modules.
 
-Swap ``flax.linen.BatchNorm`` for ``normbridge.adapters.linen.BatchNorm`` (and so on):
+Swap linen's ``BatchNorm`` for ``normbridge.adapters.linen.BatchNorm`` (and so on):
 the fields, variable collections, names, shapes, dtypes, init values, train/eval rules,
 errors, outputs and gradients stay the same, and every number comes from
 :mod:`normbridge.core`. :func:`to_canonical` / :func:`from_canonical` convert one

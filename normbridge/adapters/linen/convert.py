@@ -7,9 +7,9 @@ Subtree layouts (what ``to_canonical`` takes and ``from_canonical`` returns):
   (disabled parameters are absent, and so is an empty collection);
 * SpectralNorm: the layer's own flat dict in ``collection_name`` (``variables['batch_stats']['SpectralNorm_0']``),
   ``{'<layer>/<path>/u': (1, out), '<layer>/<path>/sigma': ()}``. ``to_canonical`` also accepts it wrapped as
-  ``{collection_name: {...}}``;
+  ``{collection_name: {...}}`` (e.g. the whole variables dict of a top-level SpectralNorm);
 * WeightNorm: the layer's own flat ``params`` dict ``{'<layer>/<path>/scale': feature shape}`` (or wrapped
-  as ``{'params': {...}}``).
+  as ``{'params': {...}}``; nested dicts there, the wrapped layer's own params, are skipped).
 
 In the record, SpectralNorm/WeightNorm paths are relative to the wrapped layer (``'kernel'``,
 ``'inner/kernel'``); the linen layer name (``'Dense_1'``, ``'layer_instance'``) is kept in
@@ -63,8 +63,7 @@ def _plain(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 def _unwrap(subtree: Mapping[str, Any], collection: str) -> dict[str, Any]:
     """The flat dict of a wrapper layer, whether given as ``{collection: {...}}`` or directly."""
-    keys = list(subtree)
-    if keys == [collection] and isinstance(subtree[collection], Mapping):
+    if collection in subtree and isinstance(subtree[collection], Mapping):
         return _plain(subtree[collection])
     return _plain(subtree)
 
@@ -126,6 +125,8 @@ def to_canonical(variables_subtree: Mapping[str, Any], module: Any) -> NormRecor
         scales: dict[str, Any] = {}
         names = set()
         for key, value in flat.items():
+            if isinstance(value, Mapping):
+                continue  # the wrapped layer's own params, when a top-level wrapper's whole dict is given
             name, path = _split_key(layer, key, "scale")
             names.add(name)
             scales[path] = jnp.asarray(value)
