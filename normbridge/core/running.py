@@ -6,6 +6,8 @@ weights the *old* value (0.99 = slow), the opposite of PyTorch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -27,10 +29,12 @@ def ema_blend(
     return lax.select(first_time, batch, blended)
 
 
-def debias(hidden: jax.Array, momentum: float, count: jax.Array) -> jax.Array:
+def debias(hidden: Any, momentum: float, count: jax.Array) -> Any:
     """Zero-debiased EMA (equinox ``mode="batch"`` at inference): ``hidden / (1 - m**count)``.
 
-    A count of 0 divides by 1.
+    A count of 0 divides by 1. ``hidden`` may also be a pytree of arrays (e.g. ``(mean, var)``):
+    the scale is then computed once and divides every leaf, which is what equinox does; computing
+    it once per statistic makes XLA fuse a different (slower, differently rounded) program.
     """
     scale = jnp.where(count == 0, 1, 1 - momentum**count)
-    return hidden / scale
+    return jax.tree_util.tree_map(lambda h: h / scale, hidden)

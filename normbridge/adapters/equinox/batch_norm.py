@@ -162,8 +162,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             counter = state.get(self.batch_counter)
             hidden_mean, hidden_var = state.get(self.batch_state_index)
             if inference:
-                mean = core.debias(hidden_mean, self.momentum, counter)
-                var = core.debias(hidden_var, self.momentum, counter)
+                # one de-biasing scale for both, as equinox: the same XLA program (and bits) as native
+                mean, var = core.debias((hidden_mean, hidden_var), self.momentum, counter)
             else:
                 mean, var = self._batch_stats(x)
                 state = state.set(self.batch_counter, counter + 1)
