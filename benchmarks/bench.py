@@ -779,10 +779,15 @@ def header(argv: Sequence[str], wall_s: float, quick: bool) -> list[str]:
     ]
 
 
+def md_header() -> str:
+    """The markdown table's header row (``|`` inside a column name escaped)."""
+    return "| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " |"
+
+
 def to_markdown(results: Sequence[Result], argv: Sequence[str], wall_s: float, quick: bool,
                 skipped: Sequence[str]) -> str:
     lines = header(argv, wall_s, quick)
-    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append(md_header())
     lines.append("|---|---|---|---|" + "---:|" * 8 + "---|---|")
     for r in results:
         lines.append("| " + " | ".join(row_cells(r)) + " |")

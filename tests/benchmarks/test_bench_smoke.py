@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+import re
 import sys
 from types import ModuleType
 
@@ -102,7 +103,10 @@ def test_main_writes_markdown_table(bench: ModuleType, tmp_path: pathlib.Path, c
     assert rc == 0
     text = out.read_text()
     assert not (tmp_path / "results.md.tmp").exists()
-    assert "| " + " | ".join(bench.COLUMNS) + " |" in text
+    assert bench.md_header() in text and "max\\|Δ\\|" in bench.md_header()
+    # every row has as many cells as the header (no unescaped pipe)
+    n_cells = len(re.split(r"(?<!\\)\|", bench.md_header()))
+    assert all(len(re.split(r"(?<!\\)\|", ln)) == n_cells for ln in text.splitlines() if ln.startswith("| "))
     rows = [ln for ln in text.splitlines() if ln.startswith(("| linen", "| equinox"))]
     assert len(rows) == 1 and "| linen | InstanceNorm | tfm_bf16 | bfloat16 |" in rows[0]
     # equinox has no InstanceNorm: skipped with a message, not silently
