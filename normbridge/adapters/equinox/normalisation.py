@@ -17,6 +17,13 @@ order ``"rsqrt_then_affine"``: ``weight * ((x - mean) * rsqrt(var + eps)) + bias
 
 Each accepts an optional ``state`` and then returns ``(out, state)`` unchanged,
 so that it can sit in ``eqx.nn.Sequential`` next to stateful layers.
+
+Operation order vs the flax facades (why equinox and linen differ in the last bits
+for equal eps and equivalent axes, ≤ ~1e-6 relative in float32): equinox uses the
+two-pass variance ``E[(x−μ)²]`` where flax defaults to ``E[x²]−E[x]²``, and
+multiplies ``γ·((x−μ)·rsqrt(σ²+ε))`` where flax folds the scale first,
+``(x−μ)·(rsqrt(σ²+ε)·γ)``; for half-precision inputs equinox also rounds the
+result back to the input dtype while flax returns ``result_type(x, γ, β)``.
 """
 
 from __future__ import annotations
