@@ -22,6 +22,7 @@ from normbridge.adapters.nnx.convert import (
     to_canonical,
 )
 from normbridge.adapters.nnx.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from normbridge.adapters.nnx.migrate import MigrationError, migrate_linen_checkpoint
 from normbridge.adapters.nnx.wrappers import SpectralNorm, WeightNorm
 
 __all__ = [
@@ -29,11 +30,13 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
+    "MigrationError",
     "RMSNorm",
     "SpectralNorm",
     "WeightNorm",
     "from_canonical",
     "load_native_state",
+    "migrate_linen_checkpoint",
     "promote_dtype",
     "restore_native_checkpoint",
     "to_canonical",
