@@ -51,8 +51,8 @@ SHAPES: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "tfm_f32": ((8192, 1024), (64, 128), "float32"),
     "tfm_bf16": ((8192, 1024), (64, 128), "bfloat16"),
     "conv_f32": ((64, 56, 56, 64), (4, 6, 6, 64), "float32"),
-    # SpectralNorm / WeightNorm wrap a Dense(1024 -> 1024); x is (batch, 1024).
-    "dense_f32": ((1024, 1024), (16, 64), "float32"),
+    # SpectralNorm / WeightNorm wrap a Dense(1024 -> 1024) (kernel 1024x1024); x is (256, 1024).
+    "dense_f32": ((256, 1024), (16, 64), "float32"),
 }
 
 #: Layer key -> display name.
