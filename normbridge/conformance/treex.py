@@ -331,8 +331,10 @@ def round_trip(module: Any, x: Any) -> list[tuple[str, Diff | bool, str]]:
         b = jax.tree_util.tree_leaves_with_path(tx.state_dict(loaded))
         results.append((f"{fmt} paths", [p for p, _ in a] == [p for p, _ in b], ""))
         for (p, u), (_, v) in zip(a, b):
-            results.append((f"{fmt} {jax.tree_util.keystr(p)}", diff(np.atleast_1d(u), np.atleast_1d(v)), ""))
-            results.append((f"{fmt} weak_type", bool(u.weak_type == v.weak_type), ""))
+            where = f"{fmt} {jax.tree_util.keystr(p)}"
+            results.append((where, diff(np.atleast_1d(u), np.atleast_1d(v)), ""))  # diff cannot view 0-d bytes
+            results.append((f"{where} shape", u.shape == v.shape, f"{v.shape} != {u.shape}"))
+            results.append((f"{where} weak_type", bool(u.weak_type == v.weak_type), ""))
         flags = (loaded.training, loaded.frozen, loaded.initialized)
         results.append((f"{fmt} flags", flags == (module.training, module.frozen, module.initialized), str(flags)))
         results.append((f"{fmt} output", diff(y_ref, loaded.copy()(x)), ""))

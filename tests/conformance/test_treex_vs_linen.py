@@ -82,7 +82,7 @@ def test_treex_facade_matches_linen(data: st.DataObject) -> None:
 @pytest.mark.parametrize("layer", T.LAYERS)
 def test_every_layer_matches_linen_on_its_grid_config(layer: str) -> None:
     """Every layer in every CI run (the property test above draws the layer), native linen, training mode."""
-    cfg, shape = T._grid(layer)[-1]
+    cfg, shape = T._grid(layer)[0]
     x = (np.random.default_rng(3).normal(size=shape) * 2 + 0.5).astype(np.float32)
     result = T.compare_with_linen(layer, cfg, x, training=True, impl="native", use_jit=True, seed=3)
     assert _check(result) == []

@@ -490,7 +490,7 @@ class _TreexPickler(pickle._Pickler):  # the pure-Python pickler lets ``save`` b
             self.save(obj.state)
             self.write(pickle.BUILD)
         elif isinstance(obj, _Arr):
-            a = np.ascontiguousarray(obj.array)
+            a = obj.array if obj.array.flags.c_contiguous else obj.array.copy(order="C")  # (keeps 0-d arrays 0-d)
             if a.dtype.kind not in "biufc":
                 raise CheckpointError(f"treex.save: only numeric arrays can be saved, got {a.dtype}")
             order = "|" if a.dtype.itemsize == 1 else ("<" if a.dtype.byteorder in "<=" else ">")
