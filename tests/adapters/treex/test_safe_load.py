@@ -9,6 +9,7 @@ import pickle
 import subprocess
 
 import cloudpickle
+import jax
 import numpy as np
 import pytest
 
@@ -211,3 +212,41 @@ def test_refusal_from_file_object_names_it() -> None:
 def test_non_module_pickle_is_a_checkpoint_error(tmp_path: pathlib.Path) -> None:
     with pytest.raises(tx.CheckpointError, match="does not hold a treex module"):
         tx.load(_write(tmp_path, "list.pkl", pickle.dumps([1, 2, 3])))
+
+
+@pytest.mark.parametrize(
+    "rename",
+    [
+        {"jax._src.array._reconstruct_array": "jax._src.device_array.reconstruct_device_array"},  # jax 0.3.14-0.3.25
+        {
+            "jax.nn.initializers.zeros": "jax._src.nn.initializers.zeros",  # jax < 0.4.13 initializer names
+            "jax.nn.initializers.ones": "jax._src.nn.initializers.ones",
+            "jax.nn.gelu": "jax._src.nn.functions.gelu",
+        },
+    ],
+    ids=["device_array", "old_initializer_names"],
+)
+def test_older_jax_encodings_load(rename: dict[str, str]) -> None:
+    """Checkpoints written by older jax versions (other GLOBAL names, same layout) load to the same module."""
+    from normbridge.adapters.treex import serialization as ser
+
+    class OldPickler(ser._TreexPickler):
+        def save(self, obj, save_persistent_id=True):
+            if isinstance(obj, ser._Glob) and obj.qualname in rename:
+                obj = ser._Glob(rename[obj.qualname])
+            super().save(obj, save_persistent_id)
+
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    model = tx.Sequential(tx.Linear(3), tx.BatchNorm(momentum=0.9), jax.nn.gelu, tx.LayerNorm()).init(0, x)
+    model(x)
+    buf = io.BytesIO()
+    OldPickler(buf, protocol=4).dump(ser._plan(model, ""))
+    data = buf.getvalue()
+    names = up.scan_globals(data)
+    assert all(new in names for new in rename.values()) and not any(old in names for old in rename)
+    loaded = tx.load(io.BytesIO(data))
+    assert loaded.layers[2].f is jax.nn.gelu and loaded.layers[1].scale_init is jax.nn.initializers.ones
+    assert loaded.layers[1].momentum.weak_type
+    for a, b in zip(jax.tree_util.tree_leaves(model), jax.tree_util.tree_leaves(loaded)):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    np.testing.assert_array_equal(model.copy()(x), loaded(x))
