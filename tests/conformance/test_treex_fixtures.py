@@ -86,3 +86,22 @@ def test_pickle_matches_leaves_only_formats_bitwise(fmt: str) -> None:
             for (_, x), (_, y) in zip(pa, pb):
                 assert x.dtype == y.dtype and x.shape == y.shape and x.weak_type == y.weak_type
                 assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_rows_fail_loudly_without_fixtures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``normbridge check`` must not pass the treex rows when the fixtures are missing."""
+    from normbridge.conformance import treex as T
+
+    def missing(explicit=None):
+        raise tf.FixturesNotFound("treex fixtures not found (test)")
+
+    monkeypatch.setattr(tf, "fixtures_dir", missing)
+    row = T._row_sequential()
+    assert not row.ok
+    assert any("fixtures not found" in cell.text for cell in row.cells.values())
+
+
+def test_fixtures_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    monkeypatch.setenv("NORMBRIDGE_TREEX_FIXTURES", str(FOLDER))
+    monkeypatch.chdir(tmp_path)
+    assert tf.fixtures_dir() == FOLDER
