@@ -41,7 +41,7 @@ _KINDS: dict[str, str] = {
 def _nnx() -> Any:
     from normbridge._optional import require
 
-    return require("flax.nnx", facade="nnx")
+    return require("flax.nnx", facade="nnx", extra="nnx")
 
 
 def layer_kind(layer: Any, fn: str = "to_canonical") -> str:
@@ -326,6 +326,6 @@ def restore_native_checkpoint(model: Any, directory: Any) -> Any:
     """Restore an Orbax checkpoint of a native nnx ``nnx.state`` into ``model`` (see :func:`load_native_state`)."""
     from normbridge._optional import require
 
-    ocp = require("orbax.checkpoint", facade="nnx")
+    ocp = require("orbax.checkpoint", facade="nnx", extra="nnx")
     restored = ocp.StandardCheckpointer().restore(directory)
     return load_native_state(model, restored)

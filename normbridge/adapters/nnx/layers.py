@@ -20,9 +20,9 @@ from normbridge import core
 from normbridge._optional import require
 from normbridge.adapters.nnx._common import first_from, normalize_flax, promote_dtype, value_or_none
 
-nnx = require("flax.nnx", facade="nnx")
-initializers = require("flax.nnx.nn.initializers", facade="nnx")
-_ftyping = require("flax.typing", facade="nnx")
+nnx = require("flax.nnx", facade="nnx", extra="nnx")
+initializers = require("flax.nnx.nn.initializers", facade="nnx", extra="nnx")
+_ftyping = require("flax.typing", facade="nnx", extra="nnx")
 
 Array = _ftyping.Array
 Axes = _ftyping.Axes

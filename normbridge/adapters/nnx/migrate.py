@@ -67,9 +67,9 @@ def load_linen_variables(source: Any) -> dict[str, Any]:
         return _plain(source)
     path = os.fspath(source)
     if os.path.isdir(path):
-        ocp = require("orbax.checkpoint", facade="nnx")
+        ocp = require("orbax.checkpoint", facade="nnx", extra="nnx")
         return _plain(ocp.StandardCheckpointer().restore(os.path.abspath(path)))
-    serialization = require("flax.serialization", facade="nnx")
+    serialization = require("flax.serialization", facade="nnx", extra="nnx")
     with open(path, "rb") as fh:
         return _plain(serialization.msgpack_restore(fh.read()))
 
@@ -144,7 +144,7 @@ def linen_layers(variables: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _children(node: Any) -> list[tuple[str, Any]]:
-    nnx = require("flax.nnx", facade="nnx")
+    nnx = require("flax.nnx", facade="nnx", extra="nnx")
     if isinstance(node, (nnx.List, list, tuple)):
         return [(str(i), v) for i, v in enumerate(node)]
     if isinstance(node, Mapping):
@@ -153,7 +153,7 @@ def _children(node: Any) -> list[tuple[str, Any]]:
 
 
 def _nnx_kind(module: Any) -> str | None:
-    nnx = require("flax.nnx", facade="nnx")
+    nnx = require("flax.nnx", facade="nnx", extra="nnx")
     name = type(module).__name__
     if name in _NORM_CLASSES:
         return layer_kind(module)
@@ -171,7 +171,7 @@ def nnx_layers(model: Any) -> dict[str, tuple[str | None, Any]]:
 
     A module of unknown kind that holds Params itself is listed with kind ``None``.
     """
-    nnx = require("flax.nnx", facade="nnx")
+    nnx = require("flax.nnx", facade="nnx", extra="nnx")
     out: dict[str, tuple[str | None, Any]] = {}
 
     def walk(node: Any, prefix: tuple[str, ...]) -> None:
@@ -223,7 +223,7 @@ def _record(kind: str, entry: Mapping[str, Any]) -> NormRecord:
 
 def _plain_layer_writes(lpath: str, entry: Mapping[str, Any], npath: str, module: Any, errors: list[str]) -> list:
     """Dense/Conv/Embed: same names, shapes and dtypes in linen and NNX."""
-    nnx = require("flax.nnx", facade="nnx")
+    nnx = require("flax.nnx", facade="nnx", extra="nnx")
     ours = {k: v for k, v in vars(module).items() if isinstance(v, nnx.Param)}
     theirs = dict(entry["params"])
     writes = []

@@ -22,9 +22,9 @@ from normbridge import core
 from normbridge._optional import require
 from normbridge.adapters.nnx._common import first_from, path_str, promote_dtype
 
-nnx = require("flax.nnx", facade="nnx")
-initializers = require("flax.nnx.nn.initializers", facade="nnx")
-_ftyping = require("flax.typing", facade="nnx")
+nnx = require("flax.nnx", facade="nnx", extra="nnx")
+initializers = require("flax.nnx.nn.initializers", facade="nnx", extra="nnx")
+_ftyping = require("flax.typing", facade="nnx", extra="nnx")
 
 Array = _ftyping.Array
 Axes = _ftyping.Axes
