@@ -61,6 +61,7 @@ def moments(
     mask: jax.Array | None = None,
     force_float32: bool = True,
     clip_two_pass: bool = False,
+    conj_product: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Mean and biased variance of ``x`` over ``axes`` (all axes if ``None``).
 
@@ -68,6 +69,10 @@ def moments(
     * two-pass: :math:`\mathrm{var} = E[|x - E[x]|^2]` (optionally clipped at 0,
       which equinox does and which never changes the value);
     * ``use_mean=False`` (RMS): ``mean = 0`` and ``var = E[|x|^2]``.
+
+    ``conj_product=True`` forms the two-pass deviation term as ``(x−μ) * conj(x−μ)``
+    instead of ``|x−μ|²`` (equinox BatchNorm's ``_stats``): the same values for real
+    input, but its gradient rounds like equinox's in half precision.
 
     ``mask`` selects the positions that enter the statistics. With ``axis_name``
     every mean is averaged across that named axis, so the result is the global
@@ -86,7 +91,11 @@ def moments(
         # E[x²] - E[x]² can round below zero.
         return mu, jnp.maximum(0.0, mu2 - abs_sq(mu))
     (mu,) = _means((x,), red, mask, axis_name, axis_index_groups)
-    (var,) = _means((abs_sq(x - jnp.expand_dims(mu, red)),), red, mask, axis_name, axis_index_groups)
+    m = jnp.expand_dims(mu, red)
+    # conj_product forms the deviation twice, exactly as equinox writes it, so the backward pass adds the
+    # two gradient contributions in the same order.
+    sq = (x - m) * jnp.conj(x - m) if conj_product else abs_sq(x - m)
+    (var,) = _means((sq,), red, mask, axis_name, axis_index_groups)
     if clip_two_pass:
         var = jnp.maximum(0.0, var)
     return mu, var

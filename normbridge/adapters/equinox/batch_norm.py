@@ -123,6 +123,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 use_fast_variance=False,
                 force_float32=False,
                 clip_two_pass=True,
+                conj_product=True,
             )
 
         return jax.vmap(per_channel)(x)
