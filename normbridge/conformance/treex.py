@@ -355,7 +355,7 @@ def _grid(layer: str) -> list[tuple[dict[str, Any], tuple[int, ...]]]:
     if layer == "InstanceNorm":
         return [({}, (2, 3, 4)), ({"use_bias": False}, (2, 3, 3, 5))]
     if layer == "SpectralNorm":
-        return [({"features": 4}, (3, 5)), ({"features": 3, "n_steps": 3}, (2, 4))]
+        return [({"features": 4}, (3, 5)), ({"features": 3, "n_steps": 2}, (2, 4))]
     if layer == "WeightNorm":
         return [({"features": 4}, (3, 5)), ({"features": 3, "feature_axes": None}, (2, 4))]
     raise ValueError(layer)
