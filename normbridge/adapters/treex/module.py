@@ -189,9 +189,6 @@ class Module(to.Tree):
     _initialized: bool = to.static(False)
     _frozen: bool = to.static(False)
 
-    def __init_subclass__(cls) -> None:
-        super().__init_subclass__()
-
     def _is_node(self, field: str) -> bool:
         meta = self._field_metadata.get(field)
         if meta is None:

@@ -40,7 +40,7 @@ from normbridge._optional import require
 from normbridge.adapters.treex import _unpickle as up
 from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
 from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
-from normbridge.adapters.treex.module import Module, to
+from normbridge.adapters.treex.module import Module
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
 
 __all__ = ["CheckpointError", "UnsafePickleError", "load", "save", "state_dict"]
@@ -581,6 +581,3 @@ def save(module: Module, path: str | os.PathLike, format: Format = "pickle") -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-_ = to  # treeo is required by the facade; imported for its side effect of failing early
