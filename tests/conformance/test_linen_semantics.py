@@ -97,3 +97,21 @@ def test_composite_model_detects_a_difference() -> None:
     bumped["batch_stats"]["BatchNorm_0"]["mean"] = bumped["batch_stats"]["BatchNorm_0"]["mean"] * 1.001
     L.compare(acc, "bumped", tn[-1], bumped, exact=True)
     assert not acc.ok
+
+
+def test_group_norm_broadcastable_mask_native_crash_facade_follows_docs() -> None:
+    """linen documents ``mask`` as "broadcastable to inputs", but GroupNorm reshapes the raw mask to
+    ``(..., G, C/G)`` and crashes when its channel axis is 1. The facade follows the documentation:
+    the result equals native's with the mask broadcast explicitly (bitwise)."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    mask = jnp.asarray([True, False]).reshape(2, 1, 1)
+    with pytest.raises(TypeError, match="cannot reshape"):
+        nn.GroupNorm(num_groups=2).init(jax.random.key(0), x, mask=mask)
+    native, _ = nn.GroupNorm(num_groups=2).init_with_output(jax.random.key(0), x, mask=jnp.broadcast_to(mask, x.shape))
+    facade, _ = F.GroupNorm(num_groups=2).init_with_output(jax.random.key(0), x, mask=mask)
+    np.testing.assert_array_equal(np.asarray(facade), np.asarray(native))
+    # the other layers accept a broadcastable mask natively, and the facade matches them
+    for layer in ("LayerNorm", "RMSNorm", "InstanceNorm"):
+        n_out, _ = getattr(nn, layer)().init_with_output(jax.random.key(0), x, mask=mask)
+        f_out, _ = getattr(F, layer)().init_with_output(jax.random.key(0), x, mask=mask)
+        np.testing.assert_array_equal(np.asarray(f_out), np.asarray(n_out))

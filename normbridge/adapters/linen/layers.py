@@ -253,6 +253,9 @@ class GroupNorm(nn.Module):
     Default reductions: axes ``1 .. ndim−2`` plus the within-group axis (axis 0 is the
     batch). A custom ``reduction_axes`` must include the last axis. Exactly one of
     ``num_groups`` / ``group_size`` (pass ``num_groups=None`` to use ``group_size``).
+
+    Deviation: ``mask`` may be any shape broadcastable to ``x``, as linen documents; linen
+    itself raises ``TypeError`` unless the mask's last axis has all ``C`` channels.
     """
 
     num_groups: int | None = 32
@@ -293,7 +296,10 @@ class GroupNorm(nn.Module):
             ) from None
 
         if mask is not None:
-            mask = core.split_groups(mask, num_groups)
+            # Documented: a mask "of shape broadcastable to inputs". linen reshapes the raw mask and crashes
+            # unless its last axis is C; broadcasting first follows the documentation and is a no-op
+            # (bitwise the same result) for every mask linen accepts.
+            mask = core.split_groups(jnp.broadcast_to(mask, x.shape), num_groups)
         mean, var = _moments(
             self, core.split_groups(x, num_groups), [*reduction_axes[:-1], -1], mask, axis_name=self.axis_name
         )
