@@ -14,6 +14,7 @@ import pytest
 from flax import nnx, serialization
 
 import normbridge.adapters.nnx as F
+from normbridge.conformance.measure import diff
 from normbridge.conformance.nnx_cases import flat_state
 
 C = 8
@@ -103,8 +104,10 @@ def _train_nnx(model: NnxNet) -> None:
     model.eval()
 
 
-def _close(a, b) -> None:
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+def _close(linen_out, nnx_out) -> None:
+    # Project tolerance (float32: 1e-6 relative); measured bitwise on CPU with jax 0.10.2.
+    d = diff(linen_out, nnx_out)
+    assert d.within(), d.text()
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
