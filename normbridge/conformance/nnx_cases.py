@@ -60,6 +60,7 @@ def failures(checks: Iterable[Check]) -> list[str]:
 
 def accumulate(checks: Iterable[Check], columns: Sequence[str] = COLUMNS) -> dict[str, Cell]:
     """One :class:`Cell` per column that has checks."""
+    checks = list(checks)
     accs: dict[str, Accumulator] = {}
     for c in checks:
         acc = accs.setdefault(c.column, Accumulator())
@@ -67,7 +68,17 @@ def accumulate(checks: Iterable[Check], columns: Sequence[str] = COLUMNS) -> dic
             acc.check(c.name, c.result, c.detail)
         else:
             acc.add(c.name, c.result, exact=c.exact)
-    return {col: Cell(accs[col].ok, accs[col].text()) for col in columns if col in accs}
+    only_flags = {c.column for c in checks if isinstance(c.result, bool)} - {
+        c.column for c in checks if not isinstance(c.result, bool)
+    }
+    cells = {}
+    for col in columns:
+        if col not in accs:
+            continue
+        acc = accs[col]
+        text = f"identical ({acc.cases} checks)" if col in only_flags and acc.ok else acc.text()
+        cells[col] = Cell(acc.ok, text)
+    return cells
 
 
 # --------------------------------------------------------------------------- state helpers
