@@ -170,3 +170,25 @@ def test_signatures_match_native(layer: str) -> None:
 @pytest.mark.parametrize("layer", ["BatchNorm", "SpectralNorm"])
 def test_train_eval_flags_match_native(layer: str) -> None:
     _assert(mode_checks(layer))
+
+
+def test_measurement_detects_a_wrong_facade() -> None:
+    # The comparison is sensitive: a facade with another epsilon or another parameter dtype fails it.
+    from flax import nnx
+
+    import normbridge.adapters.nnx as F
+
+    class WrongEps(F.LayerNorm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.epsilon = self.epsilon * 10
+
+    class WrongDtype(F.LayerNorm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, param_dtype=jnp.bfloat16, **k)
+
+    case = NormCase("LayerNorm", (2, 6), kwargs=(("epsilon", 1e-3),))
+    bad_eps = failures(measure_norm(case, native_cls=nnx.LayerNorm, facade_cls=WrongEps))
+    assert any(b.startswith("outputs/") for b in bad_eps), bad_eps
+    bad_dtype = failures(measure_norm(case, native_cls=nnx.LayerNorm, facade_cls=WrongDtype))
+    assert any(b.startswith("state layout/") for b in bad_dtype), bad_dtype
