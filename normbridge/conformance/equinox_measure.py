@@ -467,10 +467,24 @@ class WrapConfig:
 
 
 def _inner(cfg: WrapConfig, key: jax.Array) -> tuple[Any, tuple[int, ...]]:
+    """The wrapped layer, with parameters drawn on the host (``eqx.filter_eval_shape`` skips the random init)."""
     dtype = DTYPES[cfg.dtype]
     if cfg.layer == "Linear":
-        return eqx.nn.Linear(cfg.in_features, cfg.out_features, key=key, dtype=dtype), (cfg.in_features,)
-    return eqx.nn.Conv2d(cfg.in_features, cfg.out_features, 3, padding=1, key=key, dtype=dtype), (cfg.in_features, 5, 5)
+        make_layer = lambda: eqx.nn.Linear(cfg.in_features, cfg.out_features, key=key, dtype=dtype)  # noqa: E731
+        xshape: tuple[int, ...] = (cfg.in_features,)
+    else:
+        make_layer = lambda: eqx.nn.Conv2d(cfg.in_features, cfg.out_features, 3, padding=1, key=key,  # noqa: E731
+                                           dtype=dtype)
+        xshape = (cfg.in_features, 5, 5)
+    abstract = eqx.filter_eval_shape(make_layer)
+    rng = _rng((cfg.seed, 99))
+    leaves, treedef = jtu.tree_flatten(abstract)
+    leaves = [
+        jnp.asarray((rng.standard_normal(leaf.shape) / np.sqrt(cfg.in_features)).astype(np.float32)).astype(leaf.dtype)
+        if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
+        for leaf in leaves
+    ]
+    return jtu.tree_unflatten(treedef, leaves), xshape
 
 
 def measure_spectral_norm(cfg: WrapConfig, accs: Accs) -> None:
