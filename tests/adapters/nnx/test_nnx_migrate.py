@@ -184,3 +184,16 @@ def test_explicit_mapping_overrides_order(linen_run) -> None:
     assert np.array_equal(swapped.bn2.scale.get_value(), ckpt["params"]["BatchNorm_0"]["scale"])
     with pytest.raises(F.MigrationError, match="not a layer of the checkpoint"):
         F.migrate_linen_checkpoint(ckpt, NnxNet(nnx.Rngs(0)), mapping={"bn1": "Nope_0"})
+
+
+def test_ambiguous_custom_named_layer_needs_mapping(linen_run) -> None:
+    ckpt = linen_run[0]
+    params = dict(ckpt["params"])
+    params["my_norm"] = params.pop("LayerNorm_0")  # {scale, bias} under a custom name: LN, GN or IN?
+    renamed = {"params": params, "batch_stats": ckpt["batch_stats"]}
+    with pytest.raises(F.MigrationError) as err:
+        F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)))
+    assert "ambiguous linen layers" in str(err.value) and "'my_norm'" in str(err.value)
+    assert "unmatched nnx layers ['ln']" in str(err.value)
+    model = F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping={"ln": "my_norm"})
+    assert np.array_equal(model.ln.scale.get_value(), ckpt["params"]["LayerNorm_0"]["scale"])
