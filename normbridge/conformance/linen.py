@@ -735,6 +735,11 @@ _NOTES: dict[str, str] = {
         "GroupNorm reshapes the raw mask and raises TypeError unless its last axis has all C channels; the "
         "facade broadcasts first (bitwise equal to linen given the full mask)."
     ),
-    "BatchNorm": "5 training steps per config; axis_name checked with pmap and jax.shard_map on 8 devices.",
+    "BatchNorm": (
+        "5 training steps per config; axis_name checked with pmap and jax.shard_map on 8 devices. The max rel in "
+        "train/eval semantics is synced-per-device vs whole-batch statistics (another reduction order, as in "
+        "native); facade vs native is bitwise there too."
+    ),
+    "LayerNorm": "The max rel in train/eval semantics is features sharded over 4 devices vs unsharded (as native).",
     "SpectralNorm": "5 update_stats steps per config; composite Conv→GroupNorm→SpectralNorm→WeightNorm, 3 SGD steps.",
 }

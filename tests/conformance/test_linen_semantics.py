@@ -80,10 +80,10 @@ def test_features_sharded_across_devices(layer: str) -> None:
     assert acc.ok, acc.text()
 
 
-@pytest.mark.parametrize("model", ["mlp", "conv"])
-def test_composite_model_trains_identically(model: str) -> None:
-    """3 SGD steps of Dense→BN→relu→Dense→LN and Conv→GN→SN(Dense)→WN(Dense): identical variables."""
-    acc = L.measure_composite(model)
+@pytest.mark.parametrize(("model", "use_jit"), [("mlp", True), ("conv", False)])
+def test_composite_model_trains_identically(model: str, use_jit: bool) -> None:
+    """3 SGD steps of Dense→BN→relu→Dense→LN (jitted) and Conv→GN→SN(Dense)→WN(Dense) (eager): identical variables."""
+    acc = L.measure_composite(model, use_jit=use_jit)
     assert acc.ok, acc.text()
     # 4 variable snapshots (init + 3 steps) and the eval output were compared.
     assert acc.cases >= 5
