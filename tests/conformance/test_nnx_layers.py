@@ -156,12 +156,6 @@ def test_wrappers_match_native(layer: str, data) -> None:
     _assert(measure_wrapper(data.draw(wrapper_cases(layer))))
 
 
-def test_spectral_norm_conv_kernel_matches_native() -> None:
-    # A real Conv kernel (3, 3, in, out), viewed as (-1, out); slow to compile, so one fixed case
-    # (the hypothesis test above draws 3-D kernels through a cheap einsum layer).
-    _assert(measure_wrapper(WrapperCase("SpectralNorm", inner="Conv", kwargs=(("n_steps", 2),), steps=1)))
-
-
 @pytest.mark.parametrize("layer", LAYERS)
 def test_signatures_match_native(layer: str) -> None:
     _assert(signature_checks(layer))
