@@ -247,6 +247,8 @@ def measure_checkpoint(
         tdiff(rec_n, canonical.to_canonical(f_layer2, f_state2)),
         exact=True,
     )
+    n_layer2, n_state2 = canonical.from_canonical(rec_f, n_layer, clone(ns) if n_state is not None else None)
+    acc.add(f"{name} canonical → native", tdiff(rec_f, canonical.to_canonical(n_layer2, n_state2)), exact=True)
 
 
 def _stateful(layer: Any) -> bool:
