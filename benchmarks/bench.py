@@ -779,6 +779,39 @@ def header(argv: Sequence[str], wall_s: float, quick: bool) -> list[str]:
     ]
 
 
+_KERNELS = re.compile(r"(\d+)→(\d+)k \(big (\d+)→(\d+)\)")
+
+
+def explain(r: Result) -> list[str]:
+    """Why a ratio is above the target, from the measurements themselves: an identical optimized
+    program means the difference is the machine (noise); otherwise the kernel counts say whether
+    the facade makes more passes over x-sized arrays (a real cost) or only more small ops."""
+    hlo_parts = r.hlo.split(" / ") if " / " in r.hlo else ["-", "-"]
+    out = []
+    for i, (phase, ratio) in enumerate((("fwd", r.fwd_ratio), ("fwd+bwd", r.bwd_ratio))):
+        if ratio <= TARGET:
+            continue
+        part = hlo_parts[i]
+        mt = _KERNELS.fullmatch(part)
+        if part == "same":
+            cause = "identical optimized program (HLO same), so the difference is measurement noise"
+        elif mt:
+            kn, kf, bn, bf = (int(g) for g in mt.groups())
+            if bf > bn:
+                cause = (f"the facade's program makes {bf - bn} more big kernel(s) ({bn}→{bf}, passes over the "
+                         "largest arrays): extra memory traffic")
+            else:
+                cause = (f"same big passes ({bn}→{bf} big kernels); the programs differ only in "
+                         f"parameter-sized ops ({kn}→{kf} kernels)")
+        else:
+            cause = "no HLO comparison in this run"
+        if r.recheck is not None:
+            again = r.recheck[i]
+            cause += f"; in-run repeat {again:.2f}" + (" (did not repeat)" if again <= TARGET else " (repeated)")
+        out.append(f"{phase} {ratio:.2f}: {cause}")
+    return out
+
+
 def md_header() -> str:
     """The markdown table's header row (``|`` inside a column name escaped)."""
     return "| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " |"
@@ -797,6 +830,9 @@ def to_markdown(results: Sequence[Result], argv: Sequence[str], wall_s: float, q
     if rechecked:
         still = [r for r in rechecked if max(r.recheck) > TARGET]  # type: ignore[arg-type]
         lines[-1] += f" Of these, {len(still)} stayed above {TARGET} in the in-run repeat."
+    if over:
+        lines += ["", f"### Ratios above {TARGET}", ""]
+        lines += [f"- {r.facade} {r.layer} {r.shape}: " + "; ".join(explain(r)) + "." for r in over]
     noted = [f"- {r.facade} {r.layer} {r.shape}: {n}" for r in results for n in r.notes]
     if noted:
         lines += ["", "Result trees (max|Δ| is over the common leaves):", "", *noted]

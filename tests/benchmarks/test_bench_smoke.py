@@ -120,3 +120,21 @@ def test_ratio_above_target_is_bold(bench: ModuleType) -> None:
     assert cells["fwd ratio"] == "**1.20**" and cells["fwd+bwd ratio"] == "1.00"
     md = bench.to_markdown([r], ["--quick"], 1.0, True, [])
     assert "1 cases; 1 with a ratio above 1.05." in md
+
+
+def test_ratios_above_target_are_explained(bench: ModuleType) -> None:
+    R = bench.Result
+    noise = R("linen", "BatchNorm eval", "tfm_f32", "float32", 1.0, 1.2, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, "same / same", 5,
+              recheck=(0.98, 1.0))
+    extra = R("nnx", "WeightNorm(Dense)", "dense_f32", "float32", 1.0, 1.0, 1.0, 1.2, 1.0, 1.0, 0.0, 0.0,
+              "7→8k (big 4→5) / 14→17k (big 10→13)", 5)
+    small = R("treex", "BatchNorm train", "tfm_f32", "float32", 1.0, 1.0, 1.0, 1.1, 1.0, 1.0, 0.0, 0.0,
+              "8→9k (big 3→3) / 17→18k (big 9→9)", 5)
+    assert bench.explain(noise) == [
+        "fwd 1.20: identical optimized program (HLO same), so the difference is measurement noise; "
+        "in-run repeat 0.98 (did not repeat)"
+    ]
+    assert "3 more big kernel(s) (10→13" in bench.explain(extra)[0]
+    assert "differ only in parameter-sized ops (17→18 kernels)" in bench.explain(small)[0]
+    md = bench.to_markdown([noise, extra, small], [], 1.0, False, [])
+    assert "### Ratios above 1.05" in md and md.count("\n- ") >= 3
