@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from flax import nnx
 
@@ -59,7 +60,7 @@ def test_weight_norm_gains_are_params_and_train() -> None:
         return jnp.sum(m(x) ** 2)
 
     for m in (native, fac):
-        opt = nnx.Optimizer(m, __import__("optax").sgd(0.1), wrt=nnx.Param)
+        opt = nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param)
         opt.update(m, nnx.grad(loss)(m))
     # native gains never move; the facade's do
     init = build_wrapper(F.WeightNorm, case)
