@@ -7,7 +7,8 @@ flax 0.4.1; ``Linear``/``Sequential``/``Lambda``) with every number computed by
 :mod:`normbridge.core`, plus ``RMSNorm``/``InstanceNorm``/``SpectralNorm``/
 ``WeightNorm`` in treex style (additions treex never had). :func:`load` reads
 real treex checkpoints (pickle, cloudpickle, msgpack, npz) without executing
-anything from the file; :func:`save` writes them; :func:`to_equinox` converts a
+anything from the file; :func:`save` writes them; :func:`to_canonical` / :func:`from_canonical`
+convert one layer to and from :class:`~normbridge.core.NormRecord`; :func:`to_equinox` converts a
 loaded model to Equinox.
 """
 
@@ -26,7 +27,7 @@ from normbridge.adapters.treex.module import (
 )
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
 from normbridge.adapters.treex.serialization import CheckpointError, UnsafePickleError, dumps, load, save, state_dict
-from normbridge.adapters.treex.to_equinox import to_canonical, to_equinox
+from normbridge.adapters.treex.to_equinox import from_canonical, to_canonical, to_equinox
 
 __all__ = [
     "BatchNorm",
@@ -51,6 +52,7 @@ __all__ = [
     "UnsafePickleError",
     "WeightNorm",
     "dumps",
+    "from_canonical",
     "load",
     "save",
     "state_dict",

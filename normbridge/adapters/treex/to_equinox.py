@@ -1,6 +1,20 @@
-"""treex → Equinox through the canonical :class:`~normbridge.core.NormRecord`.
+"""treex ⇄ canonical :class:`~normbridge.core.NormRecord`, and treex → Equinox through it.
 
-:func:`to_canonical` turns a treex facade norm layer into a ``NormRecord``;
+:func:`to_canonical` turns a treex facade norm layer into a ``NormRecord`` and
+:func:`from_canonical` writes one back into a treex layer. Record layout of each
+treex layer (arrays float32, as treex stores them):
+
+* ``BatchNorm``: ``scale``/``bias`` (Parameter), ``mean``/``var`` (BatchStat), all
+  ``(C,)`` with ``C`` the size of ``axis``; ``stats_convention="ema"``; ``momentum``
+  is treex's float32 0-d array, recorded as the Python float of that float32;
+* ``LayerNorm``/``RMSNorm``/``GroupNorm``/``InstanceNorm``: ``scale`` (and ``bias``;
+  RMSNorm has none) ``(C,)``, channels last;
+* ``SpectralNorm``: ``spectral={"kernel": SpectralVectors(u (out,), sigma ())}``; the
+  layer stores ``u`` as ``(1, out)`` (flax's layout);
+* ``WeightNorm``: ``weight_scales={"kernel": g}`` with the shape of the kept
+  ``feature_axes`` (``()`` for ``None``).
+
+The wrapped layer's own ``kernel``/``bias`` are not part of the record (as for linen/nnx).
 :func:`to_equinox` converts a whole loaded treex model (``Sequential``,
 ``Linear``, ``Lambda``, ``BatchNorm``, ``LayerNorm``, ``GroupNorm``) to the
 equivalent Equinox model and its ``eqx.nn.State``:
@@ -41,17 +55,36 @@ import jax.numpy as jnp
 
 from normbridge import core
 from normbridge._optional import require
+from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
 from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import Module
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
 
-__all__ = ["to_canonical", "to_equinox"]
+__all__ = ["from_canonical", "to_canonical", "to_equinox"]
 
 Backend = Literal["auto", "normbridge", "equinox"]
 
 
 def to_canonical(layer: Module) -> core.NormRecord:
-    """The canonical record of a treex ``BatchNorm``/``LayerNorm``/``GroupNorm`` (arrays shared, not copied)."""
+    """The canonical record of a treex normalization layer (arrays shared, not copied; layouts above)."""
+    if isinstance(layer, SpectralNorm):
+        u = None if layer.u is None else layer.u.reshape(layer.u.shape[-1])
+        return core.NormRecord(
+            kind="spectral_norm",
+            spectral={} if layer.u is None else {"kernel": core.SpectralVectors(u=u, sigma=layer.sigma)},
+            epsilon=float(layer.epsilon),
+            options=(("n_steps", layer.n_steps),),
+        )
+    if isinstance(layer, WeightNorm):
+        feats = layer.feature_axes
+        return core.NormRecord(
+            kind="weight_norm",
+            weight_scales={} if layer.scale is None else {"kernel": layer.scale},
+            epsilon=float(layer.epsilon),
+            feature_axes=None if feats is None else tuple(feats) if isinstance(feats, tuple) else (int(feats),),
+        )
+    if not isinstance(layer, (BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm)):
+        raise TypeError(f"to_canonical: {type(layer).__name__} is not a treex normalization layer")
     opts = (("dtype", str(jnp.dtype(layer.dtype))), ("use_bias", layer.use_bias), ("use_scale", layer.use_scale))
     if isinstance(layer, BatchNorm):
         return core.NormRecord(
@@ -66,14 +99,23 @@ def to_canonical(layer: Module) -> core.NormRecord:
             feature_axes=(int(layer.axis),),
             options=opts,
         )
-    if isinstance(layer, LayerNorm):
+    if isinstance(layer, (LayerNorm, RMSNorm)):
         return core.NormRecord(
-            kind="layer_norm",
+            kind="layer_norm" if isinstance(layer, LayerNorm) else "rms_norm",
+            scale=layer.scale,
+            bias=getattr(layer, "bias", None),
+            epsilon=float(layer.epsilon),
+            feature_axes=(-1,),
+            reduction_axes=(-1,),
+            options=opts,
+        )
+    if isinstance(layer, InstanceNorm):
+        return core.NormRecord(
+            kind="instance_norm",
             scale=layer.scale,
             bias=layer.bias,
             epsilon=float(layer.epsilon),
             feature_axes=(-1,),
-            reduction_axes=(-1,),
             options=opts,
         )
     if isinstance(layer, GroupNorm):
@@ -92,7 +134,7 @@ def to_canonical(layer: Module) -> core.NormRecord:
             num_groups=num_groups,
             options=(*opts, ("group_size", layer.group_size)),
         )
-    raise TypeError(f"to_canonical: {type(layer).__name__} is not a treex normalization layer")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _channels(layer: Module) -> int | None:
@@ -100,6 +142,116 @@ def _channels(layer: Module) -> int | None:
         if leaf is not None:
             return int(leaf.shape[-1])
     return None
+
+
+_KINDS: dict[type, str] = {
+    BatchNorm: "batch_norm",
+    LayerNorm: "layer_norm",
+    RMSNorm: "rms_norm",
+    GroupNorm: "group_norm",
+    InstanceNorm: "instance_norm",
+    SpectralNorm: "spectral_norm",
+    WeightNorm: "weight_norm",
+}
+
+
+def _layer_kind(layer: Any) -> str:
+    for cls, kind in _KINDS.items():
+        if isinstance(layer, cls):
+            return kind
+    raise TypeError(f"from_canonical: {type(layer).__name__} is not a treex normalization layer")
+
+
+def from_canonical(record: core.NormRecord, like: Module) -> Module:
+    """A copy of the initialized treex layer ``like`` holding ``record``'s arrays (inverse of :func:`to_canonical`).
+
+    Layout as in the module docstring: ``(C,)`` feature arrays, SpectralNorm ``u`` written
+    back as ``(1, out)``, WeightNorm gains with the kept axes' shape. Everything is validated
+    before anything is written, and ``like`` itself is never modified: a record of another
+    kind, another ``epsilon`` or (BatchNorm) ``momentum`` (compared at float32, treex's
+    precision), other groups, a missing or unexpected array, or another shape or dtype raises
+    ``ValueError`` naming the layer and every offending path. BatchNorm accepts the
+    ``"ema"`` and ``"ema_blend"`` conventions (both used as is at eval) and de-biases
+    ``"zero_debiased"`` statistics with :func:`normbridge.core.debias` (as the linen adapter does).
+    The wrapped layer of SpectralNorm/WeightNorm (its kernel) is not part of the record.
+    """
+    kind = _layer_kind(like)
+    name = type(like).__name__
+    fn = f"from_canonical({name})"
+    if record.kind != kind:
+        raise ValueError(f"{fn}: record kind {record.kind!r} does not match; expected {kind!r}")
+    errors: list[str] = []
+    writes: dict[str, Any] = {}
+
+    def same(what: str, ours: Any, theirs: Any) -> None:
+        if ours != theirs:
+            errors.append(f"{what} is {ours!r} but the record has {theirs!r}")
+
+    def put(path: str, attr: str, current: Any, value: Any, shape: tuple[int, ...] | None = None) -> None:
+        if current is None and value is None:
+            return
+        if current is None:
+            errors.append(f"the record has '{path}' but the layer does not use it (or is not initialized)")
+            return
+        if value is None:
+            errors.append(f"the layer expects '{path}' but the record has none")
+            return
+        value = jnp.asarray(value)
+        want = tuple(current.shape) if shape is None else shape
+        if tuple(value.shape) != want:
+            errors.append(f"'{path}' has shape {tuple(value.shape)}; the layer expects {want}")
+        elif value.dtype != current.dtype:
+            errors.append(f"'{path}' has dtype {value.dtype}; the layer stores {current.dtype}")
+        else:
+            writes[attr] = value.reshape(current.shape)
+
+    same("epsilon", float(like.epsilon), record.epsilon)
+    if kind == "spectral_norm":
+        vectors = dict(record.spectral)
+        for path in sorted(set(vectors) - {"kernel"}):
+            errors.append(f"the record has 'spectral/{path}' but the layer normalizes only 'kernel'")
+        vec = vectors.get("kernel", core.SpectralVectors())
+        if vec.v is not None:
+            errors.append("the record has 'spectral/kernel/v' (a two-vector power iteration) that treex cannot hold")
+        u_shape = None if like.u is None else (like.u.shape[-1],)
+        put("spectral/kernel/u", "u", like.u, vec.u, u_shape)
+        put("spectral/kernel/sigma", "sigma", like.sigma, vec.sigma)
+    elif kind == "weight_norm":
+        scales = dict(record.weight_scales)
+        for path in sorted(set(scales) - {"kernel"}):
+            errors.append(f"the record has 'weight_scales/{path}' but the layer normalizes only 'kernel'")
+        put("weight_scales/kernel", "scale", like.scale, scales.get("kernel"))
+    else:
+        put("scale", "scale", like.scale, record.scale)
+        put("bias", "bias", getattr(like, "bias", None), record.bias)
+        if kind == "group_norm":
+            channels = _channels(like)
+            if channels is not None:
+                groups, _ = core.resolve_groups(channels, like.num_groups, like.group_size)
+                same("num_groups", groups, record.num_groups)
+        if kind == "batch_norm":
+            same("momentum (float32)", float(jnp.float32(like.momentum)), _f32(record.momentum))
+            mean, var = record.mean, record.var
+            if record.stats_convention == "zero_debiased":
+                if record.count is None or record.momentum is None:
+                    errors.append("a 'zero_debiased' record needs count and momentum")
+                else:
+                    mean, var = core.debias((jnp.asarray(mean), jnp.asarray(var)), record.momentum, record.count)
+            put("mean", "mean", like.mean, mean)
+            put("var", "var", like.var, var)
+        else:
+            put("mean", "-", None, record.mean)
+            put("var", "-", None, record.var)
+    if errors:
+        raise ValueError(f"{fn}: " + "; ".join(errors))
+    out = like.copy()
+    for attr, value in writes.items():
+        out.__dict__[attr] = value.reshape(1, -1) if kind == "spectral_norm" and attr == "u" else value
+    return out
+
+
+def _f32(value: float | None) -> float | None:
+    return None if value is None else float(jnp.float32(value))
 
 
 def _nn(backend: Backend) -> Any:
