@@ -198,18 +198,13 @@ class _Runner:
         self.eval = _maybe_jit(cfg, functools.partial(apply, False))
 
 
-def _atleast_1d(tree: Any) -> Any:
-    # measure.diff cannot view a 0-d array as bytes; the layout is compared separately.
-    return jax.tree_util.tree_map(lambda a: np.atleast_1d(np.asarray(a)), tree)
-
-
 def compare(acc: Accumulator, name: str, native: Any, facade: Any, *, exact: bool) -> None:
     """Add a tree comparison: layout (paths, shapes, dtypes) and values (exact or within tolerance)."""
     la, lb = shape_dtype_tree(native), shape_dtype_tree(facade)
     if la != lb:
         acc.check(f"{name} layout", False, f"native {la} vs facade {lb}"[:200])
         return
-    acc.add(name, tree_diff(_atleast_1d(native), _atleast_1d(facade)), exact=exact)
+    acc.add(name, tree_diff(native, facade), exact=exact)
 
 
 # ----------------------------------------------------------------------------------------------- measurements

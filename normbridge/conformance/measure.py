@@ -50,6 +50,11 @@ class Diff:
         return "bitwise" if self.bitwise else f"max rel {self.max_rel:.1e}"
 
 
+def _bytes(a: np.ndarray) -> np.ndarray:
+    # A byte view needs a contiguous array of rank >= 1; 0-d and strided arrays are copied.
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
 def diff(native: Any, facade: Any) -> Diff:
     """Compare two arrays: bitwise equality, max abs and relative error (NaNs must coincide)."""
     a = np.asarray(native)
@@ -62,7 +67,7 @@ def diff(native: Any, facade: Any) -> Diff:
     if a.dtype.kind in "biu" or a.dtype == bool:
         eq = bool(np.array_equal(a, b))
         return Diff(eq, 0.0 if eq else float("inf"), 0.0 if eq else float("inf"), dtype)
-    bitwise = bool(np.array_equal(a.view(np.uint8), b.view(np.uint8))) if a.size else True
+    bitwise = bool(np.array_equal(_bytes(a), _bytes(b)))
     a64 = a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
     b64 = b.astype(a64.dtype)
     nan_a, nan_b = np.isnan(a64), np.isnan(b64)
@@ -139,9 +144,11 @@ class Accumulator:
         self.failures: list[str] = []
         self.worst = 0.0
         self.all_bitwise = True
+        self.compared = 0  # cases that compared numbers, as opposed to boolean checks
 
     def add(self, name: str, d: Diff | TreeDiff, *, exact: bool = False, rel_tol: float | None = None) -> None:
         self.cases += 1
+        self.compared += 1
         if isinstance(d, TreeDiff):
             ok = d.exact() if exact else d.within(rel_tol)
             bitwise = d.exact()
@@ -170,6 +177,8 @@ class Accumulator:
             return "no case ran"
         if self.failures:
             return f"{len(self.failures)}/{self.cases} failed: " + "; ".join(self.failures[:3])
+        if self.compared == 0:
+            return f"identical ({self.cases} checks)"
         if self.all_bitwise:
             return f"bitwise ({self.cases} cases)"
         return f"max rel {self.worst:.1e} ({self.cases} cases)"

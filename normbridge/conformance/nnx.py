@@ -87,13 +87,7 @@ def _evidence() -> str:
 
 
 def _record_arrays(layer: Any) -> dict[str, Any]:
-    # 0-d leaves (sigma) as (1,): measure.diff cannot view a 0-d array as bytes.
-    return {k: jnp.atleast_1d(v) for k, v in facade.to_canonical(layer).arrays().items()}
-
-
-def _record_arrays(layer: Any) -> dict[str, Any]:
-    # 0-d leaves (sigma) as (1,): measure.diff cannot view a 0-d array as bytes.
-    return {k: jnp.atleast_1d(v) for k, v in facade.to_canonical(layer).arrays().items()}
+    return facade.to_canonical(layer).arrays()
 
 
 def checkpoint_checks(case: Any) -> list[Check]:

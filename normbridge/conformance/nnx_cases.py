@@ -97,8 +97,7 @@ def flat_state(module: Any, *filters: Any) -> dict[str, tuple[str, jax.Array]]:
 
 
 def _values(flat: dict[str, tuple[str, Any]]) -> dict[str, Any]:
-    # 0-d leaves are compared as (1,) arrays: measure.diff cannot view a 0-d array as bytes.
-    return {k: jnp.atleast_1d(v) for k, (_, v) in flat.items()}
+    return {k: v for k, (_, v) in flat.items()}
 
 
 def state_diff(a: Any, b: Any, *filters: Any) -> TreeDiff:
@@ -107,7 +106,7 @@ def state_diff(a: Any, b: Any, *filters: Any) -> TreeDiff:
 
 
 def array_diff(a: Any, b: Any) -> Diff:
-    return diff(jnp.atleast_1d(a), jnp.atleast_1d(b))
+    return diff(a, b)
 
 
 def layout_checks(native: Any, fac: Any, name: str, *, ignore_types: Iterable[str] = ()) -> list[Check]:

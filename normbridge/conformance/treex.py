@@ -270,7 +270,7 @@ def compare_with_linen(
         out["state layout"].append((f"{k} shape/dtype", layout_ok, f"{b.shape} {b.dtype} vs {a.shape} {a.dtype}"))
         if not (k.endswith("/kernel") or k.endswith("/u")):
             # deterministic initializers (zeros/ones) agree bitwise; random ones (kernels, u) cannot
-            out["state layout"].append((f"init {k}", diff(np.atleast_1d(a), np.atleast_1d(b)), "init value"))
+            out["state layout"].append((f"init {k}", diff(a, b), "init value"))
     # The same (perturbed) values in both; SpectralNorm keeps linen's random u.
     if layer == "SpectralNorm":
         values = {**native, **_perturb({k: v for k, v in native.items() if k.startswith("params")}, seed)}
@@ -303,7 +303,7 @@ def compare_with_linen(
     out["outputs"].append(("y", diff(y_l, y_t), "output"))
     for k in sorted(s_l):
         if k.startswith("batch_stats"):
-            d = diff(np.atleast_1d(s_l[k]), np.atleast_1d(s_t[k]))
+            d = diff(s_l[k], s_t[k])
             out["train/eval semantics"].append((f"{k} after {'training' if training else 'eval'} call", d, ""))
     if not any(k.startswith("batch_stats") for k in s_l):
         stateless = not any(k.startswith("batch_stats") for k in s_t)
@@ -313,7 +313,7 @@ def compare_with_linen(
         out["train/eval semantics"].append(("state updated iff training", changed == training, f"changed={changed}"))
     out["gradients"].append(("d/dx", diff(g_l[1], g_t[1]), ""))
     for k in sorted(g_l[0]):
-        out["gradients"].append((f"d/d{k}", diff(np.atleast_1d(g_l[0][k]), np.atleast_1d(g_t[0][k])), ""))
+        out["gradients"].append((f"d/d{k}", diff(g_l[0][k], g_t[0][k]), ""))
     return out
 
 
@@ -332,7 +332,7 @@ def round_trip(module: Any, x: Any) -> list[tuple[str, Diff | bool, str]]:
         results.append((f"{fmt} paths", [p for p, _ in a] == [p for p, _ in b], ""))
         for (p, u), (_, v) in zip(a, b):
             where = f"{fmt} {jax.tree_util.keystr(p)}"
-            results.append((where, diff(np.atleast_1d(u), np.atleast_1d(v)), ""))  # diff cannot view 0-d bytes
+            results.append((where, diff(u, v), ""))
             results.append((f"{where} shape", u.shape == v.shape, f"{v.shape} != {u.shape}"))
             results.append((f"{where} weak_type", bool(u.weak_type == v.weak_type), ""))
         flags = (loaded.training, loaded.frozen, loaded.initialized)

@@ -78,7 +78,7 @@ def grads_close(gn, gf) -> None:
     XLA (measured: up to 4.5e-6 of the largest gradient), hence 1e-5 here while
     every single layer is held to 1e-6 in ``test_equinox_layers.py``.
     """
-    d = em.tdiff(em.arrays(gn), em.arrays(gf))
+    d = em.tree_diff(em.arrays(gn), em.arrays(gf))
     assert d.same_structure, d.text()
     scale = max(float(jnp.max(jnp.abs(g))) for g in jtu.tree_leaves(em.arrays(gn)))
     worst = max(leaf.max_abs for leaf in d.leaves.values())
@@ -86,7 +86,7 @@ def grads_close(gn, gf) -> None:
 
 
 def same_state(a, b) -> None:
-    d = em.tdiff(em.state_dict(a), em.state_dict(b))
+    d = em.tree_diff(em.state_dict(a), em.state_dict(b))
     assert list(em.state_dict(a)) == list(em.state_dict(b))
     assert d.exact(), d.text()
 
@@ -98,15 +98,15 @@ def test_sequential_filter_jit_value_and_grad(models) -> None:
     for i in range(3):
         vn, yn, ns, gn = step(nm, ns, x_batch(i))
         vf, yf, fs, gf = step(fm, fs, x_batch(i))
-        assert em.tdiff(vn, vf).within(), (vn, vf)
-        assert em.tdiff(yn, yf).within(), em.tdiff(yn, yf).text()
+        assert em.tree_diff(vn, vf).within(), (vn, vf)
+        assert em.tree_diff(yn, yf).within(), em.tree_diff(yn, yf).text()
         grads_close(gn, gf)
         same_state(ns, fs)
     # inference through the whole Sequential (BatchNorm and SpectralNorm read the state only)
     ni, fi = eqx.nn.inference_mode(nm), eqx.nn.inference_mode(fm)
     run = jax.vmap(lambda m, x, s: m(x, s), in_axes=(None, 0, None), out_axes=(0, None), axis_name="batch")
     (yn, _), (yf, _) = run(ni, x_batch(9), ns), run(fi, x_batch(9), fs)
-    assert em.tdiff(yn, yf).within(), em.tdiff(yn, yf).text()
+    assert em.tree_diff(yn, yf).within(), em.tree_diff(yn, yf).text()
 
 
 def test_scan_over_training_steps(models) -> None:
@@ -122,7 +122,7 @@ def test_scan_over_training_steps(models) -> None:
         return jax.lax.scan(body, state, xs)
 
     (sn, yn), (sf, yf) = scan(nm, ns), scan(fm, fs)
-    assert em.tdiff(yn, yf).within(), em.tdiff(yn, yf).text()
+    assert em.tree_diff(yn, yf).within(), em.tree_diff(yn, yf).text()
     same_state(sn, sf)
 
 
@@ -140,7 +140,7 @@ def test_filter_vmap_over_stacked_layers() -> None:
         x = em.data((4,), shape, jnp.float32)
         yn = eqx.filter_vmap(lambda m, x: m(x))(native, x)
         yf = eqx.filter_vmap(lambda m, x: m(x))(facade, x)
-        assert em.tdiff(yn, yf).within(), em.tdiff(yn, yf).text()
+        assert em.tree_diff(yn, yf).within(), em.tree_diff(yn, yf).text()
 
 
 def test_filter_grad_wrt_input_and_params(models) -> None:
@@ -166,7 +166,7 @@ def test_tree_serialise_leaves_round_trip_between_native_and_facade(models) -> N
         eqx.tree_serialise_leaves(buf, src)
         buf.seek(0)
         loaded = eqx.tree_deserialise_leaves(buf, dst)
-        assert em.tdiff(em.arrays(src[0]), em.arrays(loaded[0])).exact()
+        assert em.tree_diff(em.arrays(src[0]), em.arrays(loaded[0])).exact()
         same_state(src[1], loaded[1])
     # identical markers: a native State works with the facade model, and the other way round
     assert list(em.state_dict(ns)) == list(em.state_dict(fs))

@@ -94,7 +94,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             self.bias = None
         if mode == "ema":
             self.ema_first_time_index = StateIndex(jnp.array(True))
-            # equinox uses jnp.empty, which is zeros in practice; zeros make the initial state deterministic.
+            # equinox uses jnp.empty: zeros up to jax 0.10, uninitialized memory from jax 0.11 (jax-ml/jax#38674);
+            # zeros keep the initial state deterministic.
             init = (jnp.zeros((input_size,), dtype=dtype), jnp.zeros((input_size,), dtype=dtype))
             self.ema_state_index = StateIndex(init)
             self.batch_counter = None
