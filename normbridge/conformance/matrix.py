@@ -21,6 +21,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def backend() -> str:
+    """The JAX backend the measurements ran on, e.g. ``"cpu"`` or ``"gpu (NVIDIA H100 80GB HBM3)"``."""
+    import jax
+
+    name = jax.default_backend()
+    kind = jax.devices()[0].device_kind
+    return name if name == "cpu" else f"{name} ({kind})"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -36,7 +45,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
         "relative, bitwise where the operation order is the same; state exact); `deviation` = a",
         "documented, deliberate difference from a native bug, with its reference in the notes.",
         "",
-        "Measured on: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f" ({platform.machine()}, CPU).",
+        "Measured on: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f" ({platform.machine()}, {backend()}).",
         f"Date: {datetime.date.today().isoformat()}.",
         "",
         "| facade | layer | " + " | ".join(COLUMNS) + " | evidence |",
