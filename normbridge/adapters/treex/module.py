@@ -189,6 +189,25 @@ class Module(to.Tree):
     _initialized: bool = to.static(False)
     _frozen: bool = to.static(False)
 
+    def tree_flatten(self) -> tuple[tuple[dict[str, Any]], dict[str, Any]]:
+        """treeo's flattening, without its per-call copy and metadata pass when they change nothing.
+
+        ``jax.jit`` flattens the module on every call; treeo copies the module and re-annotates
+        its fields each time, which costs about 10 µs per module (visible on GPU, where a norm
+        layer runs in 0.1 ms). The result is the same: node fields as children, the rest (flags,
+        configuration, field metadata) as static aux data.
+        """
+        ctx = to.tree._CONTEXT
+        fields = vars(self)
+        meta = self._field_metadata
+        if ctx.add_field_info or ctx.flatten_mode is not None or not meta.keys() >= fields.keys():
+            return super().tree_flatten()  # treeo's special modes, or fields treeo must annotate first
+        node: dict[str, Any] = {}
+        static: dict[str, Any] = {}
+        for field, value in fields.items():
+            (node if meta[field].node else static)[field] = value
+        return (node,), static
+
     def _is_node(self, field: str) -> bool:
         meta = self._field_metadata.get(field)
         if meta is None:

@@ -165,3 +165,46 @@ def test_additions_are_treex_style() -> None:
     assert len(jax.tree_util.tree_leaves(wn.parameters())) == 3
     assert tx.RMSNorm().init(0, X).scale.shape == (4,)
     assert tx.InstanceNorm().init(0, X[:, None, :]).bias.shape == (4,)
+
+
+def _flatten_with(method, tree):
+    """Flatten a treeo module level by level with ``method`` (treeo's own or the facade's)."""
+    children, static = method(tree)
+    out = []
+    for field, value in children[0].items():
+        if isinstance(value, to.Tree):
+            out.append((field, _flatten_with(method, value)))
+        elif isinstance(value, (list, tuple)):
+            out.append((field, [_flatten_with(method, v) if isinstance(v, to.Tree) else v for v in value]))
+        else:
+            out.append((field, value))
+    return out, sorted(static)
+
+
+def test_fast_flatten_equals_treeo_flatten() -> None:
+    """Module.tree_flatten skips treeo's per-call copy; children and static fields stay the same."""
+    x = jnp.ones((4, 3, 8))
+    models = [
+        tx.BatchNorm().init(0, x),
+        tx.LayerNorm().init(0, x).eval(),
+        tx.GroupNorm(num_groups=2).init(0, x).freeze(),
+        tx.Sequential(tx.Linear(6), tx.BatchNorm(), jax.nn.relu, tx.Linear(2)).init(1, x),
+        tx.Sequential(tx.Linear(6)),  # not initialized: leaves are None
+    ]
+    for model in models:
+        fast = _flatten_with(type(model).tree_flatten, model)
+        ref = _flatten_with(to.Tree.tree_flatten, model)
+        assert repr(fast) == repr(ref)
+        leaves, treedef = jax.tree_util.tree_flatten(model)
+        again = jax.tree_util.tree_unflatten(treedef, leaves)
+        assert jax.tree_util.tree_structure(again) == treedef
+        assert (again.training, again.frozen, again.initialized) == (model.training, model.frozen, model.initialized)
+
+
+def test_fast_flatten_annotates_new_fields_like_treeo() -> None:
+    """A field added after construction goes through treeo's path, which records its metadata."""
+    bn = tx.BatchNorm().init(0, jnp.ones((2, 3)))
+    bn.extra = tx.LayerNorm()
+    leaves, treedef = jax.tree_util.tree_flatten(bn)
+    assert "extra" in bn._field_metadata and bn._field_metadata["extra"].node
+    assert isinstance(jax.tree_util.tree_unflatten(treedef, leaves).extra, tx.LayerNorm)
