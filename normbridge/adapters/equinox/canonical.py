@@ -20,6 +20,8 @@ WeightNorm      ``weight_scales={weight_name: g}`` reshaped to the kept axis, ``
 
 :func:`from_canonical` refuses (``ValueError``) a record whose kind, epsilon,
 momentum, statistics convention, groups or shapes would change the layer's math.
+A flax-family ``stats_convention="ema"`` record loads into ``mode="ema"`` with the
+first-time flag cleared (its statistics are used as is at inference, as flax's are).
 """
 
 from __future__ import annotations
@@ -164,27 +166,33 @@ def from_canonical(record: NormRecord, like: Any, state: Any = None) -> tuple[An
         weight = _array(fn, like, "weight", like.weight, record.scale)
         bias = _array(fn, like, "bias", like.bias, record.bias)
         layer = eqx.tree_at(lambda m: (m.weight, m.bias), like, (weight, bias), is_leaf=lambda x: x is None)
-    if kind in ("group_norm", "instance_norm"):
+    if kind == "group_norm" or (kind == "instance_norm" and record.num_groups is not None):
+        # A flax-family InstanceNorm record has no num_groups: one group per channel is what the kind means.
         _check(fn, like, "groups", like.groups if kind == "group_norm" else like.channels, record.num_groups)
     if kind == "batch_norm":
         state = _need_state(like, state, fn)
         _check(fn, like, "momentum", like.momentum, record.momentum)
         convention = "ema_blend" if like.mode == "ema" else "zero_debiased"
-        _check(fn, like, "mode (statistics convention)", convention, record.stats_convention)
+        # flax's 'ema' statistics are used as is at eval, as mode="ema"'s are once past the first call.
+        got = "ema_blend" if like.mode == "ema" and record.stats_convention == "ema" else record.stats_convention
+        _check(fn, like, "mode (statistics convention)", convention, got)
         index = like.ema_state_index if like.mode == "ema" else like.batch_state_index
         old_mean, old_var = state.get(index)
         mean = _array(fn, like, "mean", old_mean, record.mean)
         var = _array(fn, like, "var", old_var, record.var)
-        if record.count is None:
+        count = record.count
+        if count is None and record.stats_convention == "ema":
+            count = 1  # flax statistics: not the first call any more (as to_equinox sets first_time=False)
+        if count is None:
             raise ValueError(f"{fn}: BatchNorm needs the record's count (first-time flag or batch counter)")
         state = state.set(index, (mean, var))
         # lax.full_like keeps the stored scalar's dtype and weak type, which State.set checks.
         if like.mode == "ema":
             first = state.get(like.ema_first_time_index)
-            state = state.set(like.ema_first_time_index, lax.full_like(first, jnp.asarray(record.count) == 0))
+            state = state.set(like.ema_first_time_index, lax.full_like(first, jnp.asarray(count) == 0))
         else:
             counter = state.get(like.batch_counter)
-            state = state.set(like.batch_counter, lax.full_like(counter, record.count))
+            state = state.set(like.batch_counter, lax.full_like(counter, count))
         return layer, state
     if kind in ("layer_norm", "rms_norm", "group_norm", "instance_norm"):
         return layer, state

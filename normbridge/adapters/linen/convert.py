@@ -202,18 +202,33 @@ def from_canonical(record: NormRecord, module: Any, *, layer_name: str | None = 
 
     ``layer_name`` (SpectralNorm/WeightNorm) overrides the wrapped layer's name used in the
     keys; by default the one recorded by :func:`to_canonical`, else the module's. A record of
-    another kind, a missing or unexpected array, or inconsistent shapes raise ``ValueError``
-    naming the layer and the path. Records with ``stats_convention="zero_debiased"`` are
+    another kind, another ``epsilon`` (when the record has one), an equinox weight convention
+    (SpectralNorm ``v``, ``kept_axis``), a missing or unexpected array, or inconsistent shapes
+    raise ``ValueError`` naming the layer and the path. Records with ``stats_convention="zero_debiased"`` are
     de-biased (:func:`core.debias`) into linen's used-as-is EMA.
     """
     kind = _kind(module, "from_canonical")
     layer = type(module).__name__
     if record.kind != kind:
         raise ValueError(f"from_canonical({layer}): record kind {record.kind!r} does not match; expected {kind!r}")
+    if record.epsilon is not None and record.epsilon != module.epsilon:
+        raise ValueError(
+            f"from_canonical({layer}): epsilon is {module.epsilon!r} but the record has {record.epsilon!r}; "
+            "converting would change the layer's results"
+        )
+    if kind in ("spectral_norm", "weight_norm") and record.option("kept_axis") is not None:
+        # equinox's convention: weight (out, in), its own power iteration (u and v) / no epsilon in WeightNorm.
+        raise ValueError(
+            f"from_canonical({layer}): the record is in equinox's weight convention "
+            f"(kept_axis={record.option('kept_axis')!r}, paths {sorted(record.spectral or record.weight_scales)}); "
+            "linen's math differs"
+        )
     if kind == "spectral_norm":
         name = _layer_name(record, module, layer_name)
         out: dict[str, Any] = {}
         for path, vec in record.spectral.items():
+            if vec.v is not None:
+                raise ValueError(f"from_canonical({layer}): the record has spectral/{path}/v; linen does not keep v")
             if vec.u is not None:
                 u = jnp.asarray(vec.u)
                 if u.ndim != 1:

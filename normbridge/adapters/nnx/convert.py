@@ -141,10 +141,16 @@ def _writes(record: NormRecord, layer: Any) -> list[tuple[str, Any, Any, jax.Arr
     name = type(layer).__name__
     if record.kind != kind:
         raise ValueError(f"from_canonical({name}): record kind {record.kind!r} does not match; expected {kind!r}")
-    if record.stats_convention not in (None, "ema"):
+    # 'ema_blend' (equinox mode="ema") statistics are used as they are at eval, as nnx's 'ema' are.
+    if record.stats_convention not in (None, "ema", "ema_blend"):
         raise ValueError(
             f"from_canonical({name}): stats_convention {record.stats_convention!r} is not nnx's 'ema'; "
             "convert it first (e.g. normbridge.core.debias for 'zero_debiased')"
+        )
+    if record.epsilon is not None and record.epsilon != layer.epsilon:
+        raise ValueError(
+            f"from_canonical({name}): epsilon is {layer.epsilon!r} but the record has {record.epsilon!r}; "
+            "converting would change the layer's results"
         )
     writes: list[tuple[str, Any, Any, jax.Array]] = []
     errors: list[str] = []
