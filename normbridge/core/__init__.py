@@ -8,7 +8,7 @@ from normbridge.core.axes import canonicalize_axes, complement_axes, feature_sha
 from normbridge.core.dtypes import result_dtype, stats_dtype, upcast_dtype
 from normbridge.core.groups import merge_groups, resolve_groups, split_groups
 from normbridge.core.normalize import normalize
-from normbridge.core.record import LAYER_KINDS, NormRecord, SpectralVectors
+from normbridge.core.record import KIND_OF_CLASS, LAYER_KINDS, NormRecord, SpectralVectors
 from normbridge.core.running import debias, ema, ema_blend
 from normbridge.core.spectral import (
     as_matrix,
@@ -30,6 +30,7 @@ from normbridge.core.weight_norm import (
 )
 
 __all__ = [
+    "KIND_OF_CLASS",
     "LAYER_KINDS",
     "NormRecord",
     "SpectralVectors",

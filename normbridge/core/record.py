@@ -46,6 +46,16 @@ LAYER_KINDS: tuple[str, ...] = (
     "spectral_norm",
     "weight_norm",
 )
+#: Layer class name (the same in flax.linen, flax.nnx, equinox.nn, treex and the facades) → record kind.
+KIND_OF_CLASS: dict[str, str] = {
+    "BatchNorm": "batch_norm",
+    "LayerNorm": "layer_norm",
+    "RMSNorm": "rms_norm",
+    "GroupNorm": "group_norm",
+    "InstanceNorm": "instance_norm",
+    "SpectralNorm": "spectral_norm",
+    "WeightNorm": "weight_norm",
+}
 
 
 @jax.tree_util.register_dataclass

@@ -32,18 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from normbridge import core
 from normbridge.adapters.equinox._common import eqx
 from normbridge.core import NormRecord, SpectralVectors
 
-_KINDS = {
-    "BatchNorm": "batch_norm",
-    "LayerNorm": "layer_norm",
-    "RMSNorm": "rms_norm",
-    "GroupNorm": "group_norm",
-    "InstanceNorm": "instance_norm",
-    "SpectralNorm": "spectral_norm",
-    "WeightNorm": "weight_norm",
-}
+_KINDS = core.KIND_OF_CLASS
 
 
 def _kind(layer: Any) -> str:

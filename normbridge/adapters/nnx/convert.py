@@ -24,18 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normbridge import core
 from normbridge.adapters.nnx._common import path_str
 from normbridge.core import NormRecord, SpectralVectors
 
-_KINDS: dict[str, str] = {
-    "BatchNorm": "batch_norm",
-    "LayerNorm": "layer_norm",
-    "RMSNorm": "rms_norm",
-    "GroupNorm": "group_norm",
-    "InstanceNorm": "instance_norm",
-    "SpectralNorm": "spectral_norm",
-    "WeightNorm": "weight_norm",
-}
+_KINDS = core.KIND_OF_CLASS
 
 
 def _nnx() -> Any:

@@ -34,23 +34,12 @@ import numpy as np
 
 from normbridge._optional import require
 from normbridge.adapters.nnx.convert import _writes, layer_kind
-from normbridge.core import NormRecord, SpectralVectors
+from normbridge.core import KIND_OF_CLASS, NormRecord, SpectralVectors
 
 __all__ = ["MigrationError", "linen_layers", "load_linen_variables", "migrate_linen_checkpoint", "nnx_layers"]
 
-_NORM_CLASSES = {"BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "SpectralNorm", "WeightNorm"}
-_LINEN_KIND = {
-    "Dense": "dense",
-    "Conv": "conv",
-    "Embed": "embed",
-    "BatchNorm": "batch_norm",
-    "LayerNorm": "layer_norm",
-    "RMSNorm": "rms_norm",
-    "GroupNorm": "group_norm",
-    "InstanceNorm": "instance_norm",
-    "SpectralNorm": "spectral_norm",
-    "WeightNorm": "weight_norm",
-}
+_NORM_CLASSES = set(KIND_OF_CLASS)
+_LINEN_KIND = {"Dense": "dense", "Conv": "conv", "Embed": "embed", **KIND_OF_CLASS}
 _AUTO_NAME = re.compile(r"^([A-Za-z]+)_(\d+)$")
 
 
