@@ -62,6 +62,7 @@ def moments(
     force_float32: bool = True,
     clip_two_pass: bool = False,
     conj_product: bool = False,
+    jnp_var: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Mean and biased variance of ``x`` over ``axes`` (all axes if ``None``).
 
@@ -73,6 +74,12 @@ def moments(
     ``conj_product=True`` forms the two-pass deviation term as ``(x−μ) * conj(x−μ)``
     instead of ``|x−μ|²`` (equinox BatchNorm's ``_stats``): the same values for real
     input, but its gradient rounds like equinox's in half precision.
+
+    ``jnp_var=True`` is equinox LayerNorm/GroupNorm's form: ``jnp.mean`` then
+    :func:`jax.numpy.var`, which derives its own mean. The values equal the plain
+    two-pass ones, but the backward pass runs through that second mean too, so only
+    this form gives equinox's gradients bit for bit (the difference shows in
+    ill-conditioned cases, e.g. groups of two elements).
 
     ``mask`` selects the positions that enter the statistics. With ``axis_name``
     every mean is averaged across that named axis, so the result is the global
@@ -90,11 +97,22 @@ def moments(
         mu, mu2 = _means((x, abs_sq(x)), red, mask, axis_name, axis_index_groups)
         # E[x²] - E[x]² can round below zero.
         return mu, jnp.maximum(0.0, mu2 - abs_sq(mu))
+    if jnp_var:
+        if mask is not None or axis_name is not None:
+            raise ValueError("moments: jnp_var=True supports neither mask nor axis_name")
+        # mean first, as equinox writes it: the order of the ops fixes the order in which the
+        # backward pass accumulates x's cotangent.
+        mu = jnp.mean(x, axis=red)
+        var = jnp.var(x, axis=red)
+        return mu, (jnp.maximum(0.0, var) if clip_two_pass else var)
     (mu,) = _means((x,), red, mask, axis_name, axis_index_groups)
-    m = jnp.expand_dims(mu, red)
-    # conj_product forms the deviation twice, exactly as equinox writes it, so the backward pass adds the
-    # two gradient contributions in the same order.
-    sq = (x - m) * jnp.conj(x - m) if conj_product else abs_sq(x - m)
+    if conj_product:
+        # Equinox's form, exactly as it writes it (deviation formed twice, the 0-d mean of a whole-example
+        # reduction broadcast as is): the backward pass then sums x's cotangent in the same order.
+        m = mu if len(red) == x.ndim else jnp.expand_dims(mu, red)
+        sq = (x - m) * jnp.conj(x - m)
+    else:
+        sq = abs_sq(x - jnp.expand_dims(mu, red))
     (var,) = _means((sq,), red, mask, axis_name, axis_index_groups)
     if clip_two_pass:
         var = jnp.maximum(0.0, var)

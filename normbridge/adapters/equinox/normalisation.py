@@ -2,8 +2,9 @@ r"""``LayerNorm``, ``RMSNorm``, ``GroupNorm`` (drop-ins for ``equinox.nn``) and 
 
 All four see one example (no batch axis; use ``jax.vmap``), compute in
 :func:`normbridge.core.upcast_dtype` (at least float32) and return the **input
-dtype**, like equinox. Statistics are two-pass (:func:`normbridge.core.moments`
-with ``use_fast_variance=False, clip_two_pass=True``); normalization uses core
+dtype**, like equinox. Statistics are two-pass in equinox's form
+(:func:`normbridge.core.moments` with ``use_fast_variance=False, clip_two_pass=True,
+jnp_var=True``); normalization uses core
 order ``"rsqrt_then_affine"``: ``weight * ((x - mean) * rsqrt(var + eps)) + bias``
 (RMSNorm: ``weight * (rsqrt(mean(x²) + eps) * x) + bias``).
 
@@ -104,7 +105,7 @@ class LayerNorm(eqx.Module):
         orig_dtype = x.dtype
         cd = core.upcast_dtype(x.dtype)
         x = x.astype(cd)
-        mean, var = core.moments(x, None, use_fast_variance=False, clip_two_pass=True)
+        mean, var = core.moments(x, None, use_fast_variance=False, clip_two_pass=True, jnp_var=True)
         w = self.weight.astype(cd) if self.use_weight else None
         b = self.bias.astype(cd) if self.use_bias else None
         out = core.normalize(x, mean, var, self.eps, w, b, order="rsqrt_then_affine")
@@ -161,13 +162,16 @@ def _group_norm(
     x = x.astype(cd)
     y = core.split_groups(x, groups, channels_first=True)  # (G, C/G, ...)
     red = tuple(range(1, y.ndim))
-    mean, var = core.moments(y, red, use_fast_variance=False, clip_two_pass=True)
+    mean, var = core.moments(y, red, use_fast_variance=False, clip_two_pass=True, jnp_var=True)
     mean, var = left_broadcast(mean, y.ndim), left_broadcast(var, y.ndim)
     # weight/bias (C,) are applied in the grouped layout: elementwise, so the same bits as after the merge.
+    # Like equinox they are broadcast to the input's shape in their own dtype and upcast afterwards:
+    # the gradient's sum over positions then runs in the parameter dtype (bf16 parameters: in bf16).
     def grouped(p: jax.Array | None) -> jax.Array | None:
         if p is None:
             return None
-        return core.split_groups(left_broadcast(p.astype(cd), x.ndim), groups, channels_first=True)
+        full = jnp.broadcast_to(left_broadcast(p, x.ndim), x.shape).astype(cd)
+        return core.split_groups(full, groups, channels_first=True)
 
     w, b = grouped(weight), grouped(bias)
     out = core.normalize(y, mean, var, eps, w, b, order="rsqrt_then_affine")
