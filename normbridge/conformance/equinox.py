@@ -87,7 +87,9 @@ def rows() -> list[Row]:
     return [
         _row("BatchNorm", _batch_norm, _evidence(", modes ema/batch, vmap + pmap×vmap ('dev','batch')"),
              "bf16 input with f32 state in mode='ema' raises TypeError as natively. Deviation by design: under "
-             "jax.pmap mode='ema' works (native raises ValueError from State.set), measured against a single vmap."),
+             "jax.pmap mode='ema' works (native raises ValueError from State.set), measured against a single vmap. "
+             "The max rel in outputs and train/eval semantics is pmap×vmap vs one flat vmap over the same batch "
+             "(another reduction order); facade vs native is bitwise everywhere."),
         _row("LayerNorm", _norm("LayerNorm", [(5,), (4, 3)]), _evidence()),
         _row("RMSNorm", _norm("RMSNorm", [(5,), (2, 3, 2)]), _evidence()),
         _row("GroupNorm", _norm("GroupNorm", [(4, 3), (4, 2, 2)]), _evidence()),

@@ -3,7 +3,8 @@
 Same data (NHWC for linen, NCHW vmapped for equinox), same random scale/bias,
 ``eps`` equal, equivalent axes (reference: shared/reference/layouts.md §10). In
 each example the bound is **measured** on the native pair (``flax.linen`` vs
-``equinox.nn``) and the facade pair must stay within it. The remaining
+``equinox.nn``); each facade equals its native bit for bit, so the facade pair
+differs by exactly that bound. The remaining
 difference is operation order, documented in the facades' module docstrings:
 flax's fast variance ``E[x²]−E[x]²`` vs equinox's two-pass variance,
 ``(x−μ)·(rsqrt(σ²+ε)·γ)`` vs ``γ·((x−μ)·rsqrt(σ²+ε))`` (BatchNorm:
@@ -25,7 +26,6 @@ from hypothesis import strategies as st
 import normbridge.adapters.equinox as nbe
 import normbridge.adapters.linen as nbl
 from normbridge.conformance import equinox_measure as em
-from normbridge.conformance.measure import REL_TOL
 
 EPS = 1e-5
 G = 3
@@ -95,12 +95,16 @@ def test_facades_agree_within_native_bound(layer, dtype, shape, offset, seed) ->
     f_lin, f_eqx = run_pair(layer, nbl, nbe, x, scale, bias)
     bound = max_abs(n_lin, n_eqx)
     facade = max_abs(f_lin, f_eqx)
-    # The facade pair must not disagree more than the native pair, up to the project tolerance of
-    # a facade against its own native (eager XLA kernels may round the last bit differently).
-    tol = REL_TOL[str(f_eqx.dtype)] * float(jnp.max(jnp.abs(n_lin.astype(jnp.float32))))
-    assert facade <= bound + tol, f"{layer} {dtype}: facades differ by {facade:.3g}, natives by {bound:.3g}"
-    # and each facade equals its own native (so the bound is not vacuous)
-    assert max_abs(n_lin, f_lin) <= tol and max_abs(n_eqx, f_eqx) <= tol
-    # the native bound is the documented operation-order effect: small in f32, ~1 bf16 ulp otherwise
+    # Each facade keeps its own framework's operation order, so it equals its native bit for bit;
+    # hence the facade pair differs exactly as much as the native pair does.
+    assert max_abs(n_lin, f_lin) == 0, f"linen facade vs native linen {layer} {dtype}"
+    assert max_abs(n_eqx, f_eqx) == 0, f"equinox facade vs native equinox {layer} {dtype}"
+    assert facade == bound, f"{layer} {dtype}: facades differ by {facade:.3g}, natives by {bound:.3g}"
+    # the native bound is the documented operation-order effect: small in f32, ~1 bf16 ulp otherwise.
+    # linen's fast variance E[x²] − E[x]² loses log2(E[x²] / Var[x]) bits, so the f32 bound grows with
+    # that ratio (an input offset of 4 with std 2 costs a factor of 5).
+    x32 = x.astype(jnp.float32)
+    cancellation = float(jnp.mean(x32**2) / jnp.var(x32))
     rel = bound / float(jnp.max(jnp.abs(n_lin.astype(jnp.float32))))
-    assert rel < (1e-5 if dtype == "float32" else 3e-2), f"native linen vs equinox {layer}: rel {rel:.2g}"
+    limit = 1e-5 * cancellation if dtype == "float32" else 3e-2
+    assert rel < limit, f"native linen vs equinox {layer}: rel {rel:.2g}, limit {limit:.2g}"
