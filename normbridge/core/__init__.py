@@ -7,7 +7,7 @@ translate each framework's signature, state layout and mode flags into calls her
 from normbridge.core.axes import canonicalize_axes, complement_axes, feature_shapes
 from normbridge.core.dtypes import result_dtype, stats_dtype, upcast_dtype
 from normbridge.core.groups import merge_groups, resolve_groups, split_groups
-from normbridge.core.normalize import normalize
+from normbridge.core.normalize import affine, normalize
 from normbridge.core.record import KIND_OF_CLASS, LAYER_KINDS, NormRecord, SpectralVectors
 from normbridge.core.running import debias, ema, ema_blend
 from normbridge.core.spectral import (
@@ -35,6 +35,7 @@ __all__ = [
     "NormRecord",
     "SpectralVectors",
     "abs_sq",
+    "affine",
     "as_matrix",
     "canonicalize_axes",
     "complement_axes",

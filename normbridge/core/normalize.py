@@ -49,11 +49,7 @@ def normalize(
     if order == "rsqrt_then_affine":
         inv = lax.rsqrt(var + epsilon)
         out = inv * x if mean is None else (x - mean) * inv
-        if scale is not None:
-            out = scale * out
-        if bias is not None:
-            out = out + bias
-        return out
+        return affine(out, scale, bias)
     if order == "divide_sqrt":
         out = (x if mean is None else x - mean) / jnp.sqrt(var + epsilon)
         if scale is not None:
@@ -62,3 +58,16 @@ def normalize(
             out = out + bias
         return out
     raise ValueError(f"normalize: unknown order {order!r}; expected 'flax', 'rsqrt_then_affine' or 'divide_sqrt'")
+
+
+def affine(y: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """``scale * y + bias`` (either optional): the affine step of order ``"rsqrt_then_affine"``.
+
+    On its own where a layer applies it in another layout than the statistics (equinox
+    GroupNorm normalizes in groups, then scales the merged channels).
+    """
+    if scale is not None:
+        y = scale * y
+    if bias is not None:
+        y = y + bias
+    return y

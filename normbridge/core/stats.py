@@ -63,6 +63,7 @@ def moments(
     clip_two_pass: bool = False,
     conj_product: bool = False,
     jnp_var: bool = False,
+    keepdims: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Mean and biased variance of ``x`` over ``axes`` (all axes if ``None``).
 
@@ -81,6 +82,10 @@ def moments(
     this form gives equinox's gradients bit for bit (the difference shows in
     ill-conditioned cases, e.g. groups of two elements).
 
+    ``keepdims=True`` keeps the reduced axes with size 1, so that the statistics
+    broadcast against ``x`` (equinox computes them so; with ``jnp_var`` the program is
+    then op for op equinox's).
+
     ``mask`` selects the positions that enter the statistics. With ``axis_name``
     every mean is averaged across that named axis, so the result is the global
     mean and biased variance of the whole (sharded) batch. Statistics are computed
@@ -89,7 +94,33 @@ def moments(
     cd = stats_dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x), dtype, force_float32=force_float32)
     x = x.astype(cd) if isinstance(x, jax.Array) else jnp.asarray(x, cd)
     red = tuple(range(x.ndim)) if axes is None else canonicalize_axes(x.ndim, axes)
+    if jnp_var:
+        if mask is not None or axis_name is not None:
+            raise ValueError("moments: jnp_var=True supports neither mask nor axis_name")
+        # mean first, as equinox writes it: the order of the ops fixes the order in which the
+        # backward pass accumulates x's cotangent.
+        mu = jnp.mean(x, axis=red, keepdims=keepdims)
+        var = jnp.var(x, axis=red, keepdims=keepdims)
+        return mu, (jnp.maximum(0.0, var) if clip_two_pass else var)
+    mu, var = _reduced_moments(x, red, use_mean, use_fast_variance, mask, axis_name, axis_index_groups,
+                               clip_two_pass, conj_product)
+    if keepdims:
+        return jnp.expand_dims(mu, red), jnp.expand_dims(var, red)
+    return mu, var
 
+
+def _reduced_moments(
+    x: jax.Array,
+    red: tuple[int, ...],
+    use_mean: bool,
+    use_fast_variance: bool,
+    mask: jax.Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+    clip_two_pass: bool,
+    conj_product: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`moments` with the reduced axes dropped, for every form but ``jnp_var``."""
     if not use_mean:
         (var,) = _means((abs_sq(x),), red, mask, axis_name, axis_index_groups)
         return jnp.zeros_like(var), var
@@ -97,14 +128,6 @@ def moments(
         mu, mu2 = _means((x, abs_sq(x)), red, mask, axis_name, axis_index_groups)
         # E[x²] - E[x]² can round below zero.
         return mu, jnp.maximum(0.0, mu2 - abs_sq(mu))
-    if jnp_var:
-        if mask is not None or axis_name is not None:
-            raise ValueError("moments: jnp_var=True supports neither mask nor axis_name")
-        # mean first, as equinox writes it: the order of the ops fixes the order in which the
-        # backward pass accumulates x's cotangent.
-        mu = jnp.mean(x, axis=red)
-        var = jnp.var(x, axis=red)
-        return mu, (jnp.maximum(0.0, var) if clip_two_pass else var)
     (mu,) = _means((x,), red, mask, axis_name, axis_index_groups)
     if conj_product:
         # Equinox's form, exactly as it writes it (deviation formed twice, the 0-d mean of a whole-example

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -50,6 +51,38 @@ def test_moments_match_float64(d, fast: bool, masked: bool) -> None:
     np.testing.assert_allclose(np.asarray(mean), ref_mean, atol=tol(x64), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(var), ref_var, atol=tol(x64), rtol=1e-5)
     assert np.all(np.asarray(var) >= 0)
+
+
+FORMS = {
+    "fast": {},
+    "two-pass": {"use_fast_variance": False},
+    "rms": {"use_mean": False},
+    "equinox BatchNorm": {"use_fast_variance": False, "conj_product": True, "clip_two_pass": True},
+    "equinox LayerNorm/GroupNorm": {"use_fast_variance": False, "jnp_var": True, "clip_two_pass": True},
+}
+
+
+@given(data(), st.sampled_from(sorted(FORMS)))
+def test_every_form_matches_float64_and_keepdims_keeps_the_reduced_axes(d, form: str) -> None:
+    x, axes, _ = d
+    x64 = x.astype(np.float64)
+    kw = FORMS[form]
+    mean, var = core.moments(jnp.asarray(x), axes, **kw)
+    ref_mean = np.zeros_like(np.mean(x64, axis=axes)) if form == "rms" else np.mean(x64, axis=axes)
+    ref_var = np.mean((x64 - np.expand_dims(ref_mean, axes)) ** 2, axis=axes)
+    np.testing.assert_allclose(np.asarray(mean), ref_mean, atol=tol(x64), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(var), ref_var, atol=tol(x64), rtol=1e-5)
+    kept_mean, kept_var = core.moments(jnp.asarray(x), axes, keepdims=True, **kw)
+    assert kept_mean.shape == kept_var.shape == tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+    np.testing.assert_array_equal(np.asarray(kept_mean), np.expand_dims(np.asarray(mean), axes))
+    np.testing.assert_array_equal(np.asarray(kept_var), np.expand_dims(np.asarray(var), axes))
+
+
+def test_jnp_var_form_refuses_mask_and_axis_name() -> None:
+    x = jnp.ones((2, 3))
+    for kw in ({"mask": jnp.ones((2, 3), bool)}, {"axis_name": "batch"}):
+        with pytest.raises(ValueError, match="jnp_var"):
+            core.moments(x, 0, use_fast_variance=False, jnp_var=True, **kw)
 
 
 @given(data())

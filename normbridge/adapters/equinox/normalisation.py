@@ -105,7 +105,7 @@ class LayerNorm(eqx.Module):
         orig_dtype = x.dtype
         cd = core.upcast_dtype(x.dtype)
         x = x.astype(cd)
-        mean, var = core.moments(x, None, use_fast_variance=False, clip_two_pass=True, jnp_var=True)
+        mean, var = core.moments(x, None, use_fast_variance=False, clip_two_pass=True, jnp_var=True, keepdims=True)
         w = self.weight.astype(cd) if self.use_weight else None
         b = self.bias.astype(cd) if self.use_bias else None
         out = core.normalize(x, mean, var, self.eps, w, b, order="rsqrt_then_affine")
@@ -162,20 +162,14 @@ def _group_norm(
     x = x.astype(cd)
     y = core.split_groups(x, groups, channels_first=True)  # (G, C/G, ...)
     red = tuple(range(1, y.ndim))
-    mean, var = core.moments(y, red, use_fast_variance=False, clip_two_pass=True, jnp_var=True)
-    mean, var = left_broadcast(mean, y.ndim), left_broadcast(var, y.ndim)
-    # weight/bias (C,) are applied in the grouped layout: elementwise, so the same bits as after the merge.
-    # Like equinox they are broadcast to the input's shape in their own dtype and upcast afterwards:
-    # the gradient's sum over positions then runs in the parameter dtype (bf16 parameters: in bf16).
-    def grouped(p: jax.Array | None) -> jax.Array | None:
-        if p is None:
-            return None
-        full = jnp.broadcast_to(left_broadcast(p, x.ndim), x.shape).astype(cd)
-        return core.split_groups(full, groups, channels_first=True)
+    mean, var = core.moments(y, red, use_fast_variance=False, clip_two_pass=True, jnp_var=True, keepdims=True)
+    out = core.merge_groups(core.normalize(y, mean, var, eps, order="rsqrt_then_affine"), channels_first=True)
+    # Like equinox, weight/bias (C,) are broadcast to the merged output's shape in their own dtype and
+    # upcast afterwards: the gradient's sum over positions then runs in the parameter dtype.
+    def full(p: jax.Array | None) -> jax.Array | None:
+        return None if p is None else jnp.broadcast_to(left_broadcast(p, x.ndim), x.shape).astype(cd)
 
-    w, b = grouped(weight), grouped(bias)
-    out = core.normalize(y, mean, var, eps, w, b, order="rsqrt_then_affine")
-    return core.merge_groups(out, channels_first=True)
+    return core.affine(out, full(weight), full(bias))
 
 
 class GroupNorm(eqx.Module):
