@@ -65,6 +65,9 @@ LAYERS: dict[str, str] = {
     "instancenorm": "InstanceNorm",
     "spectralnorm": "SpectralNorm(Dense)",
     "weightnorm": "WeightNorm(Dense)",
+    # nnx only: native WeightNorm never trains its gains (plain arrays, a deviation the facade fixes);
+    # here they are made nnx.Param on the native side too, so both sides do the same work.
+    "weightnorm_trained": "WeightNorm(Dense), gains trained on both sides",
 }
 
 #: Which layers run on which shape (normalization layers on activations, wrappers on a Dense).
@@ -72,7 +75,7 @@ SHAPE_LAYERS: dict[str, tuple[str, ...]] = {
     "tfm_f32": ("bn_train", "bn_eval", "layernorm", "rmsnorm", "groupnorm", "instancenorm"),
     "tfm_bf16": ("bn_train", "bn_eval", "layernorm", "rmsnorm", "groupnorm", "instancenorm"),
     "conv_f32": ("bn_train", "bn_eval", "groupnorm", "instancenorm"),
-    "dense_f32": ("spectralnorm", "weightnorm"),
+    "dense_f32": ("spectralnorm", "weightnorm", "weightnorm_trained"),
 }
 
 MOMENTUM = 0.99
@@ -283,8 +286,10 @@ def nnx_impl(ns: Any, layer: str, x: Any, dtype: Any, only: set[str] | None = No
         m = ns.InstanceNorm(c, **kw)
     elif layer == "spectralnorm":
         m = ns.SpectralNorm(nnx.Linear(c, c, rngs=nnx.Rngs(1)), rngs=rngs)
-    elif layer == "weightnorm":
+    elif layer in ("weightnorm", "weightnorm_trained"):
         m = ns.WeightNorm(nnx.Linear(c, c, rngs=nnx.Rngs(1)), rngs=rngs)
+        if layer == "weightnorm_trained" and ns is nnx:
+            m.scales = nnx.data({path: nnx.Param(v) for path, v in m.scales.items()})
     else:
         raise Unsupported(layer)
     import jax
@@ -444,6 +449,8 @@ def build_pair(facade: str, layer: str, x: Any, *, native_as_facade: bool = Fals
     """(native, facade) implementations of one case; raises ImportError / Unsupported to skip it."""
     jnp = _jnp()
     dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else None
+    if layer == "weightnorm_trained" and facade != "nnx":
+        raise Unsupported("only nnx's native WeightNorm leaves its gains untrained: its WeightNorm(Dense) row is this")
     if facade == "linen":
         native = importlib.import_module("flax.linen")
         fac = native if native_as_facade else importlib.import_module("normbridge.adapters.linen")

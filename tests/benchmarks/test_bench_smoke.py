@@ -156,3 +156,14 @@ def test_splice_readme_replaces_only_the_marked_block(bench: ModuleType) -> None
     assert out == f"intro\n{bench.README_START}\n| a |\n|---|\n| 1 |\n{bench.README_END}\noutro\n"
     with pytest.raises(ValueError, match="markers"):
         bench.splice_readme("no markers here", md)
+
+
+def test_weightnorm_like_for_like_case_trains_the_gains_on_both_sides(bench: ModuleType) -> None:
+    """nnx's like-for-like WeightNorm case: native's gains are made Params, so both sides return the same gradients."""
+    plain = bench.run_case("nnx", "weightnorm", "dense_f32", quick=True, hlo=False)
+    assert plain.notes and "facade-only" in plain.notes[0]  # native never trains its gains: one gradient fewer
+    same = bench.run_case("nnx", "weightnorm_trained", "dense_f32", quick=True, hlo=False)
+    _finite_row(bench, same)
+    assert same.notes == [] and same.max_rel_diff <= 1e-6, same
+    with pytest.raises(bench.Unsupported, match="only nnx"):
+        bench.run_case("linen", "weightnorm_trained", "dense_f32", quick=True, hlo=False)
