@@ -97,6 +97,11 @@ def moments(
     if jnp_var:
         if mask is not None or axis_name is not None:
             raise ValueError("moments: jnp_var=True supports neither mask nor axis_name")
+        if use_fast_variance or not use_mean or conj_product:
+            raise ValueError(
+                "moments: jnp_var=True is a two-pass form; it needs use_fast_variance=False, use_mean=True "
+                f"and conj_product=False (got {use_fast_variance=}, {use_mean=}, {conj_product=})"
+            )
         # mean first, as equinox writes it: the order of the ops fixes the order in which the
         # backward pass accumulates x's cotangent.
         mu = jnp.mean(x, axis=red, keepdims=keepdims)

@@ -78,11 +78,13 @@ def test_every_form_matches_float64_and_keepdims_keeps_the_reduced_axes(d, form:
     np.testing.assert_array_equal(np.asarray(kept_var), np.expand_dims(np.asarray(var), axes))
 
 
-def test_jnp_var_form_refuses_mask_and_axis_name() -> None:
+def test_jnp_var_form_refuses_what_it_cannot_compute() -> None:
     x = jnp.ones((2, 3))
-    for kw in ({"mask": jnp.ones((2, 3), bool)}, {"axis_name": "batch"}):
+    two_pass = {"use_fast_variance": False}
+    for kw in ({"mask": jnp.ones((2, 3), bool), **two_pass}, {"axis_name": "batch", **two_pass},
+               {"use_fast_variance": True}, {"use_mean": False, **two_pass}, {"conj_product": True, **two_pass}):
         with pytest.raises(ValueError, match="jnp_var"):
-            core.moments(x, 0, use_fast_variance=False, jnp_var=True, **kw)
+            core.moments(x, 0, jnp_var=True, **kw)
 
 
 @given(data())
