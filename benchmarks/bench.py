@@ -450,7 +450,7 @@ def build_pair(facade: str, layer: str, x: Any, *, native_as_facade: bool = Fals
     jnp = _jnp()
     dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else None
     if layer == "weightnorm_trained" and facade != "nnx":
-        raise Unsupported("only nnx's native WeightNorm leaves its gains untrained: its WeightNorm(Dense) row is this")
+        raise Unsupported("an nnx-only case: only nnx's native WeightNorm leaves its gains untrained")
     if facade == "linen":
         native = importlib.import_module("flax.linen")
         fac = native if native_as_facade else importlib.import_module("normbridge.adapters.linen")

@@ -165,5 +165,5 @@ def test_weightnorm_like_for_like_case_trains_the_gains_on_both_sides(bench: Mod
     same = bench.run_case("nnx", "weightnorm_trained", "dense_f32", quick=True, hlo=False)
     _finite_row(bench, same)
     assert same.notes == [] and same.max_rel_diff <= 1e-6, same
-    with pytest.raises(bench.Unsupported, match="only nnx"):
+    with pytest.raises(bench.Unsupported, match="nnx-only"):
         bench.run_case("linen", "weightnorm_trained", "dense_f32", quick=True, hlo=False)

@@ -85,7 +85,7 @@ def max_abs(a, b) -> float:
     offset=st.sampled_from([0.5, 4.0]),
     seed=st.integers(0, 3),
 )
-def test_facades_agree_within_native_bound(layer, dtype, shape, offset, seed) -> None:
+def test_facade_pair_differs_exactly_as_the_native_pair(layer, dtype, shape, offset, seed) -> None:
     rng = np.random.default_rng(seed)
     c = shape[-1]
     x = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 2 + offset).astype(em.DTYPES[dtype])

@@ -254,7 +254,8 @@ def _f32(value: float | None) -> float | None:
     return None if value is None else float(jnp.float32(value))
 
 
-def _nn(backend: Backend) -> Any:
+def _norm_layers(backend: Backend) -> Any:
+    """The namespace the converted norm layers come from: the equinox facade, or ``equinox.nn`` on request."""
     eqx = require("equinox", facade="treex", extra="equinox")
     if backend == "equinox":
         return eqx.nn
@@ -278,13 +279,13 @@ def _cast(dtype: Any) -> Any:
     return eqx.nn.Lambda(functools.partial(jnp.asarray, dtype=dtype))
 
 
-def _convert(module: Any, nn: Any, key: jax.Array, axis_name: str, pending: dict[int, Any]) -> list[Any]:
+def _convert(module: Any, norms: Any, key: jax.Array, axis_name: str, pending: dict[int, Any]) -> list[Any]:
     """Equinox layers (a list, to allow a trailing dtype cast) for one treex module."""
     eqx = require("equinox", facade="treex", extra="equinox")
     if isinstance(module, Sequential):
         out: list[Any] = []
         for i, layer in enumerate(module.layers):
-            out.extend(_convert(layer, nn, jax.random.fold_in(key, i), axis_name, pending))
+            out.extend(_convert(layer, norms, jax.random.fold_in(key, i), axis_name, pending))
         return [eqx.nn.Sequential(out)]
     if isinstance(module, Lambda):
         return [eqx.nn.Lambda(module.f)]
@@ -307,7 +308,7 @@ def _convert(module: Any, nn: Any, key: jax.Array, axis_name: str, pending: dict
         if module.mean is None:
             raise ValueError("to_equinox: BatchNorm is not initialized (mean is None)")
         channels = int(module.mean.shape[0])
-        layer = nn.BatchNorm(
+        layer = norms.BatchNorm(
             channels,
             axis_name=axis_name,
             eps=record.epsilon,
@@ -324,7 +325,7 @@ def _convert(module: Any, nn: Any, key: jax.Array, axis_name: str, pending: dict
         channels = _channels(module)
         if channels is None:
             raise ValueError("to_equinox: a LayerNorm without scale and bias does not know its size")
-        layer = nn.LayerNorm(channels, eps=record.epsilon, use_weight=module.use_scale, use_bias=module.use_bias)
+        layer = norms.LayerNorm(channels, eps=record.epsilon, use_weight=module.use_scale, use_bias=module.use_bias)
         if module.use_scale:
             layer = eqx.tree_at(lambda m: m.weight, layer, record.scale)
         if module.use_bias:
@@ -333,7 +334,7 @@ def _convert(module: Any, nn: Any, key: jax.Array, axis_name: str, pending: dict
         channels = _channels(module)
         if channels is None or record.num_groups is None:
             raise ValueError("to_equinox: a GroupNorm without scale and bias does not know its channels")
-        layer = nn.GroupNorm(record.num_groups, channels, eps=record.epsilon, channelwise_affine=True)
+        layer = norms.GroupNorm(record.num_groups, channels, eps=record.epsilon, channelwise_affine=True)
         scale, bias = _affine(record, channels)
         layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, (scale, bias))
     layers = [layer]
@@ -352,10 +353,10 @@ def to_equinox(
     ``eqx.nn.inference_mode(model, False)`` (equinox's ema rules then apply).
     """
     eqx = require("equinox", facade="treex", extra="equinox")
-    nn = _nn(backend)
+    norms = _norm_layers(backend)
     key = jax.random.PRNGKey(0) if key is None else key
     pending: dict[int, tuple[jax.Array, jax.Array]] = {}  # id(equinox BatchNorm) -> treex (mean, var)
-    layers = _convert(module, nn, key, axis_name, pending)
+    layers = _convert(module, norms, key, axis_name, pending)
     model = layers[0] if len(layers) == 1 else eqx.nn.Sequential(layers)
     state = eqx.nn.State(model)
     nodes = jax.tree_util.tree_leaves(model, is_leaf=lambda x: id(x) in pending)
