@@ -27,17 +27,17 @@ settings.register_profile("dev", max_examples=12, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+@pytest.fixture(scope="session")
+def treex_fixtures() -> pathlib.Path:
+    """The real-treex norm-layer fixtures shipped in the package (``normbridge/conformance/fixtures/treex``)."""
+    from normbridge.conformance import treex_fixtures as tf
+
+    return tf.fixtures_dir()
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> pathlib.Path:
-    """The workplace's ``shared/`` folder beside the checkout (fixtures from real treex live there)."""
-    if not SHARED.is_dir():
-        pytest.fail(f"shared/ folder not found at {SHARED}; the treex fixtures are required")
-    return SHARED
+def treex_model_fixtures() -> pathlib.Path:
+    """The real-treex whole-model fixtures (``normbridge/conformance/fixtures/treex-models``)."""
+    from normbridge.conformance import treex_fixtures as tf
 
-
-@pytest.fixture(scope="session")
-def treex_fixtures(shared_dir: pathlib.Path) -> pathlib.Path:
-    return shared_dir / "fixtures" / "treex"
+    return tf.fixtures_dir(name="treex-models")

@@ -29,7 +29,7 @@ from normbridge.conformance import Cell, Row, measured
 from normbridge.conformance import treex_fixtures as tf
 from normbridge.conformance.measure import Accumulator, Diff, diff
 
-EVIDENCE_FIXTURES = "verified against real treex 0.6.12 fixtures (/work/shared/fixtures/treex)"
+EVIDENCE_FIXTURES = "verified against real treex 0.6.12 fixtures (shipped in normbridge/conformance/fixtures/treex)"
 EVIDENCE_LINEN = "measured against native flax.linen {version} configured as treex configured flax"
 
 #: treex 0.6.12 constructor signatures (keyword-only, defaults), from the seed docs and the fixtures' manifest.

@@ -13,6 +13,7 @@ float16 within 1e-3; saved leaves and freshly initialized leaves bitwise.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import pathlib
@@ -36,21 +37,36 @@ class FixturesNotFound(FileNotFoundError):
     """The treex fixture folder is missing."""
 
 
-def fixtures_dir(explicit: str | os.PathLike | None = None) -> pathlib.Path:
-    """``explicit``, else ``$NORMBRIDGE_TREEX_FIXTURES``, else ``../shared/fixtures/treex`` from the cwd or the repo."""
+#: Fixture sets shipped as package data: ``treex`` (single norm layers), ``treex-models`` (whole models).
+FIXTURE_SETS = ("treex", "treex-models")
+_ENV = {"treex": "NORMBRIDGE_TREEX_FIXTURES", "treex-models": "NORMBRIDGE_TREEX_MODEL_FIXTURES"}
+
+
+def packaged_dir(name: str = "treex") -> pathlib.Path:
+    """The folder of a fixture set shipped inside the installed ``normbridge`` package."""
+    if name not in FIXTURE_SETS:
+        raise ValueError(f"unknown fixture set {name!r}; expected one of {FIXTURE_SETS}")
+    # The package is installed as plain files (no zip import), so the resource is a real folder.
+    return pathlib.Path(str(importlib.resources.files("normbridge.conformance") / "fixtures" / name))
+
+
+def fixtures_dir(explicit: str | os.PathLike | None = None, *, name: str = "treex") -> pathlib.Path:
+    """``explicit``, else ``$NORMBRIDGE_TREEX_FIXTURES`` (``..._MODEL_FIXTURES`` for ``treex-models``),
+    else the copy shipped in the package."""
     candidates = []
     if explicit is not None:
         candidates.append(pathlib.Path(explicit))
-    if os.environ.get("NORMBRIDGE_TREEX_FIXTURES"):
-        candidates.append(pathlib.Path(os.environ["NORMBRIDGE_TREEX_FIXTURES"]))
-    candidates.append(pathlib.Path.cwd().parent / "shared" / "fixtures" / "treex")
-    candidates.append(pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "treex")
+    elif os.environ.get(_ENV[name]):
+        candidates.append(pathlib.Path(os.environ[_ENV[name]]))
+    else:
+        candidates.append(packaged_dir(name))
     for c in candidates:
         if (c / "manifest.json").is_file():
             return c
     raise FixturesNotFound(
-        "treex fixtures not found (set NORMBRIDGE_TREEX_FIXTURES or run from the repo next to shared/): "
+        f"the {name} fixtures (manifest.json with the checkpoints written by real treex 0.6.12) were not found in "
         + ", ".join(str(c) for c in candidates)
+        + f"; reinstall normbridge (they ship inside the package), or point ${_ENV[name]} at a folder that has them"
     )
 
 

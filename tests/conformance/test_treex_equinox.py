@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import equinox as eqx
 import jax
 import numpy as np
@@ -14,7 +12,7 @@ from normbridge.adapters import treex as tx
 from normbridge.adapters.treex.to_equinox import to_canonical, to_equinox
 from normbridge.conformance import treex_fixtures as tf
 
-FOLDER = tf.fixtures_dir(pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "treex")
+FOLDER = tf.fixtures_dir()
 FIXTURES = tf.manifest(FOLDER)
 BACKENDS = ["equinox", "normbridge"]
 

@@ -11,7 +11,7 @@ import pytest
 from normbridge.adapters import treex as tx
 from normbridge.conformance import treex_fixtures as tf
 
-FOLDER = tf.fixtures_dir(pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "treex")
+FOLDER = tf.fixtures_dir()
 FILES = list(tf.fixture_files(FOLDER))
 FIXTURES = tf.manifest(FOLDER)
 
@@ -92,7 +92,7 @@ def test_rows_fail_loudly_without_fixtures(monkeypatch: pytest.MonkeyPatch) -> N
     """``normbridge check`` must not pass the treex rows when the fixtures are missing."""
     from normbridge.conformance import treex as T
 
-    def missing(explicit=None):
+    def missing(explicit=None, *, name="treex"):
         raise tf.FixturesNotFound("treex fixtures not found (test)")
 
     monkeypatch.setattr(tf, "fixtures_dir", missing)
