@@ -7,4 +7,21 @@
 * ``python -m normbridge check``: the conformance check that writes ``compat_matrix.md``.
 """
 
+from normbridge.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConversionError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConversionError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "__version__",
+]

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from normbridge import errors
 from normbridge.adapters.equinox._common import eqx
 
 FORMAT = "normbridge.equinox/1"
@@ -47,7 +48,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 _SCALAR_TYPES = (bool, int, float, complex)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.CheckpointMismatchError):
     """A checkpoint does not match the ``like`` model; ``.report`` lists every difference by path."""
 
     def __init__(self, report: LoadReport):

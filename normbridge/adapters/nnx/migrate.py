@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normbridge import errors
 from normbridge._optional import require
 from normbridge.adapters.nnx.convert import _writes, layer_kind
 from normbridge.core import KIND_OF_CLASS, NormRecord, SpectralVectors
@@ -43,7 +44,7 @@ _LINEN_KIND = {"Dense": "dense", "Conv": "conv", "Embed": "embed", **KIND_OF_CLA
 _AUTO_NAME = re.compile(r"^([A-Za-z]+)_(\d+)$")
 
 
-class MigrationError(ValueError):
+class MigrationError(errors.CheckpointMismatchError):
     """A linen checkpoint does not fit the NNX model; the message lists every offending path."""
 
 

@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normbridge.errors import UnsafeCheckpointError
 
-class UnsafePickleError(pickle.UnpicklingError):
+
+class UnsafePickleError(UnsafeCheckpointError, pickle.UnpicklingError):
     """The pickle names a GLOBAL (or uses an opcode) outside the allow-list; nothing was built."""
 
 

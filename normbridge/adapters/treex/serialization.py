@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normbridge import errors
 from normbridge._optional import require
 from normbridge.adapters.treex import _unpickle as up
 from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
@@ -50,8 +51,8 @@ Format = Literal["pickle", "cloudpickle", "msgpack", "npz"]
 PathOrFile = str | os.PathLike | IO[bytes]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not match what was expected (structure, shape, dtype, configuration)."""
+class CheckpointError(errors.CheckpointError):
+    """A treex checkpoint does not match what was expected (structure, shape, dtype, configuration)."""
 
 
 # =============================================================== reading bytes

@@ -1,0 +1,47 @@
+"""normbridge's exceptions: one hierarchy for everything that reads, writes or converts a checkpoint.
+
+Every message names the file, the path inside it where there is one, what was expected and
+what was found; the underlying library's exception is chained (``raise ... from err``), never
+let through on its own.
+
+* :class:`CheckpointError` (a ``ValueError``): the base of all checkpoint problems.
+
+  - :class:`CorruptCheckpointError`: the bytes are damaged or not a checkpoint of the
+    expected format (truncated, bit-flipped, wrong magic).
+  - :class:`UnsafeCheckpointError`: the file asks for something normbridge will not do
+    (a pickle GLOBAL outside the allow-list, a zip member outside the archive).
+  - :class:`CheckpointMismatchError`: a readable checkpoint that does not fit the model
+    (missing or extra paths, shapes, dtypes, a whole missing collection).
+
+* :class:`ConversionError` (a ``ValueError``): a model conversion refused; lists every problem.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConversionError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, written or matched; the message names the file."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is damaged or is not a checkpoint of the expected format."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file asks for something normbridge refuses to do (run code, escape a folder); nothing was run."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is readable but does not fit the model it is loaded into."""
+
+
+class ConversionError(ValueError):
+    """A model conversion was refused; the message lists every problem, one per line."""
