@@ -1,7 +1,7 @@
 """Facade vs facade: the equinox facade agrees with the linen facade as closely as native equinox agrees with linen.
 
 Same data (NHWC for linen, NCHW vmapped for equinox), same random scale/bias,
-``eps`` equal, equivalent axes (reference: shared/reference/layouts.md §10). In
+``eps`` equal, equivalent axes (equinox and flax layouts: docs/equinox.md). In
 each example the bound is **measured** on the native pair (``flax.linen`` vs
 ``equinox.nn``); each facade equals its native bit for bit, so the facade pair
 differs by exactly that bound. The remaining
