@@ -71,8 +71,9 @@ def test_attention() -> None:
     v = layer.init(KEY, x)["params"]
     flat = {f"{p}/{k}": a for p, sub in v.items() for k, a in sub.items()}
     eq = layouts.equinox_from_canonical("attention", flat)
-    mha = eqx.nn.MultiheadAttention(h, d, use_query_bias=True, use_key_bias=True, use_value_bias=True,
-                                    use_output_bias=True, key=KEY)
+    mha = eqx.nn.MultiheadAttention(
+        h, d, use_query_bias=True, use_key_bias=True, use_value_bias=True, use_output_bias=True, key=KEY
+    )
     mha = _set(mha, eq)
     y_eq = jax.vmap(lambda t: mha(t, t, t))(x)
     _close(layer.apply({"params": v}, x), y_eq)
