@@ -140,3 +140,9 @@ class Spoke:
 
     def run(self, model: Any, x: Any, train: bool, call: Callable | None) -> Any:
         return (call or self.call)(model, x, train)
+
+    def compiled(self, model: Any, call: Callable | None) -> Callable[[Any], Any]:
+        """``x -> eval output`` of a :meth:`prepare`-d model as one ``jax.jit`` program."""
+        import jax
+
+        return jax.jit(lambda x: self.run(model, x, False, call))

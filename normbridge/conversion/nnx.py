@@ -137,14 +137,30 @@ class NnxSpoke(Spoke):
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
 
+    def compiled(self, model: Any, call: Callable | None) -> Callable[[Any], Any]:
+        nnx = _nnx()
+        graph, state = nnx.split(model)  # NNX layers may write Variables while called: trace a merged copy
+        fn = jax.jit(lambda st, x: self.run(nnx.merge(graph, st), x, False, call))
+        return lambda x: fn(state, x)
+
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:
+        nnx = _nnx()
         m = self.prepare(model, False)
-        layers = self._walk(m)[0]
-        ids = {id(layer.module): path for path, layer in layers.items() if layer.kind not in ("param", "unknown")}
-        classes = {type(layer.module) for layer in layers.values() if layer.kind not in ("param", "unknown")}
+        known = lambda layers: {  # noqa: E731
+            path: layer for path, layer in layers.items() if layer.kind not in ("param", "unknown")
+        }
+        classes = {type(layer.module) for layer in known(self._walk(m)[0]).values()}
+        graph, state = nnx.split(m)
+        ids: dict[int, str] = {}
         rec = CallRecorder()
+
+        def run(st: Any, x: Any) -> Any:
+            inner = nnx.merge(graph, st)  # a model at this trace level: its layers may write Variables
+            ids.update({id(layer.module): path for path, layer in known(self._walk(inner)[0]).items()})
+            return self.run(inner, x, False, call)
+
         with patched_calls(classes, lambda obj: ids.get(id(obj)), rec):
-            jax.eval_shape(lambda x: self.run(m, x, False, call), probe)
+            jax.eval_shape(run, state, probe)
         return rec.calls()
 
     def write(self, like: Any, records: Mapping[str, Any], layers: Mapping[str, Layer], adapt: Any = None) -> Any:

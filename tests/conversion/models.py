@@ -258,7 +258,7 @@ class EqxTransformer(eqx.Module):
         self.ln2 = ns.LayerNorm(D, eps=1e-6)
         self.up = eqx.nn.Linear(D, 2 * D, key=k[2])
         self.down = eqx.nn.Linear(2 * D, D, key=k[3])
-        self.final = ns.RMSNorm(D, eps=1e-6)
+        self.final = ns.RMSNorm(D, eps=1e-6, use_bias=False)
 
     def __call__(self, ids):
         x = jax.vmap(self.embed)(ids)
@@ -302,7 +302,7 @@ class EqxMlp(eqx.Module):
         self.bn = _bn(ns)
         self.ln = ns.LayerNorm(C, eps=1e-6)
         self.dense2 = eqx.nn.Linear(C, C, key=k[1])
-        self.rms = ns.RMSNorm(C, eps=1e-6)
+        self.rms = ns.RMSNorm(C, eps=1e-6, use_bias=False)
         self.head = eqx.nn.Linear(C, CLASSES, key=k[2])
 
     def __call__(self, x, state):
@@ -318,9 +318,9 @@ class TreexMlp(T.Module):
     def __init__(self):
         self.dense1 = T.Linear(C)
         self.bn = T.BatchNorm(momentum=0.9)
-        self.ln = T.LayerNorm()
+        self.ln = T.LayerNorm(epsilon=1e-6)
         self.dense2 = T.Linear(C)
-        self.rms = T.RMSNorm()
+        self.rms = T.RMSNorm(epsilon=1e-6)
         self.head = T.Linear(CLASSES)
 
     def __call__(self, x):
