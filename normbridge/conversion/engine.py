@@ -422,10 +422,9 @@ def _compare(a: Any, b: Any) -> Any:
 
 def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
     src, tgt = plan.src, plan.tgt
-    # One compiled program per side (eager linen runs op by op, minutes on small CPUs).
     ms, mt = src.spoke.prepare(src.obj, False), tgt.spoke.prepare(target, False)
-    ys = src.spoke.compiled(ms, src.call)(src.probe)
-    yt = tgt.spoke.compiled(mt, tgt.call)(tgt.probe)
+    ys = src.spoke.runner(ms, src.call)(src.probe)
+    yt = tgt.spoke.runner(mt, tgt.call)(tgt.probe)
     d = _compare(ys, yt)
     bitwise_required = src.framework in FLAX_FAMILY and tgt.framework in FLAX_FAMILY and not reordered
     bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
@@ -500,8 +499,8 @@ def convert(
     verification = None
     notes = list(plan.notes)
     if verify:
-        # linen and NNX attention, SpectralNorm and WeightNorm natively differ in operation order (~1e-7)
-        reordered = any(p.kind in ("attention", "spectral_norm", "weight_norm") for p in pairs)
+        # linen and NNX attention natively differ in operation order (~2e-7)
+        reordered = any(p.kind == "attention" for p in pairs)
         verification = _verify(plan, target, reordered)
         if not verification.passed and not (on_mismatch == "keep_like" and plan.hyper):
             raise ConversionError(

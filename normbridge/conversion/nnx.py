@@ -137,12 +137,6 @@ class NnxSpoke(Spoke):
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
 
-    def compiled(self, model: Any, call: Callable | None) -> Callable[[Any], Any]:
-        nnx = _nnx()
-        graph, state = nnx.split(model)  # NNX layers may write Variables while called: trace a merged copy
-        fn = jax.jit(lambda st, x: self.run(nnx.merge(graph, st), x, False, call))
-        return lambda x: fn(state, x)
-
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:
         nnx = _nnx()
         m = self.prepare(model, False)
