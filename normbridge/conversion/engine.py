@@ -58,7 +58,9 @@ def framework_of(obj: Any) -> str:
             return "treex"
         if mod.startswith("flax.linen"):
             if not (isinstance(obj, tuple) and len(obj) == 2):
-                raise ConversionError(f"a linen model is passed as (module, variables); got a bare {type(model).__name__}")
+                raise ConversionError(
+                    f"a linen model is passed as (module, variables); got a bare {type(model).__name__}"
+                )
             return "linen"
         if mod.startswith("flax.nnx"):
             return "nnx"
@@ -177,7 +179,9 @@ def _apply_mapping(
             problems.append(f"mapping: {key!r} is not a layer of the source (source layers: {sorted(src.layers)})")
     for s, t, _ in list(pairs):
         if t not in tgt.layers:
-            problems.append(f"mapping: {s!r} -> {t!r}: {t!r} is not a layer of like (like's layers: {sorted(tgt.layers)})")
+            problems.append(
+                f"mapping: {s!r} -> {t!r}: {t!r} is not a layer of like (like's layers: {sorted(tgt.layers)})"
+            )
             pairs.remove((s, t, "mapping"))
     return pairs, skip_s, skip_t
 
@@ -257,7 +261,9 @@ def _check_pair(src: _Side, tgt: _Side, s: str, t: str) -> list[str]:
     elif a.kind == "unknown":
         problems.append(f"{where}: layer kind unknown to normbridge; skip it with mapping={{{s!r}: None}}")
     elif record_shapes(a.record) != record_shapes(b.record):
-        problems.append(f"{where}: parameter shapes differ: source {record_shapes(a.record)}, like {record_shapes(b.record)}")
+        problems.append(
+            f"{where}: parameter shapes differ: source {record_shapes(a.record)}, like {record_shapes(b.record)}"
+        )
     ca, cb = src.by_path.get(s), tgt.by_path.get(t)
     if ca is not None and cb is not None:
         same = src.spoke.family == tgt.spoke.family
@@ -336,7 +342,9 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
             if f32:
                 notes.append(f"{t}: {field} {vb!r} taken for the source's {va!r} (equal at float32, treex's precision)")
             elif on_mismatch == "keep_like":
-                notes.append(f"{t}: {field} kept as like's {vb!r} (the source {s!r} has {va!r}); on_mismatch='keep_like'")
+                notes.append(
+                    f"{t}: {field} kept as like's {vb!r} (the source {s!r} has {va!r}); on_mismatch='keep_like'"
+                )
             else:
                 problems.append(
                     f"like {t!r}: {field} is {vb!r} but the source {s!r} has {va!r}, which changes the outputs; "
@@ -356,7 +364,8 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
     suggestion: dict[str, Any] = {s: t for s, t, _ in good}
     for p in unpaired_s:  # a unique same-kind, same-shape candidate is worth suggesting; the user reviews it
         cands = [
-            t for t in unpaired_t
+            t
+            for t in unpaired_t
             if tgt.layers[t].kind == src.layers[p].kind and tgt.layers[t].shapes == src.layers[p].shapes
         ]
         suggestion[p] = cands[0] if len(cands) == 1 else None
@@ -386,8 +395,9 @@ def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- public API
 
 
-def pair(source: Any, like: Any, *, mapping: Mapping[str, Any] | None = None, probe: Any = None,
-         call: Any = None) -> list[Pair]:
+def pair(
+    source: Any, like: Any, *, mapping: Mapping[str, Any] | None = None, probe: Any = None, call: Any = None
+) -> list[Pair]:
     """How :func:`convert` pairs ``source``'s layers with ``like``'s: a list of :class:`Pair`.
 
     Same arguments and rules as :func:`convert` (no writing, no verification; hyper-parameter
@@ -397,8 +407,9 @@ def pair(source: Any, like: Any, *, mapping: Mapping[str, Any] | None = None, pr
     """
     plan = _plan(source, like, mapping, probe, call, "keep_like")
     if plan.problems:
-        raise ConversionError("normbridge.pair: cannot pair the layers", problems=plan.problems,
-                              mapping=plan.suggestion)
+        raise ConversionError(
+            "normbridge.pair: cannot pair the layers", problems=plan.problems, mapping=plan.suggestion
+        )
     return _pairs(plan)
 
 
@@ -408,8 +419,15 @@ def _pairs(plan: _Plan) -> list[Pair]:
         a, b = plan.src.layers[s], plan.tgt.layers[t]
         out.append(Pair(s, t, a.kind, how, _transforms(a.kind, a, plan.src.framework, plan.tgt.framework)))
         if a.inner is not None and b.inner is not None:
-            out.append(Pair(a.inner.path, b.inner.path, a.inner.kind, f"wrapped by {s}",
-                            _transforms(a.inner.kind, a.inner, plan.src.framework, plan.tgt.framework)))
+            out.append(
+                Pair(
+                    a.inner.path,
+                    b.inner.path,
+                    a.inner.kind,
+                    f"wrapped by {s}",
+                    _transforms(a.inner.kind, a.inner, plan.src.framework, plan.tgt.framework),
+                )
+            )
     return out
 
 
@@ -472,7 +490,8 @@ def convert(
         plan.problems.append("verify=True needs an input: pass probe= (or verify=False for an unverified conversion)")
     if plan.problems:
         raise ConversionError(
-            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused", problems=plan.problems,
+            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused",
+            problems=plan.problems,
             mapping=plan.suggestion,
         )
     records: dict[str, Any] = {}
@@ -485,7 +504,9 @@ def convert(
     def adapt(path: str, record: Any, like_record: Any) -> Any:
         if not (isinstance(record, NormRecord) and isinstance(like_record, NormRecord)):
             return record
-        keep = {f: getattr(like_record, f) for f, _, _, f32 in plan.hyper.get(path, ()) if f32 or on_mismatch == "keep_like"}
+        keep = {
+            f: getattr(like_record, f) for f, _, _, f32 in plan.hyper.get(path, ()) if f32 or on_mismatch == "keep_like"
+        }
         return record.replace(**keep) if keep else record
 
     try:
@@ -493,7 +514,9 @@ def convert(
     except ConversionError as err:
         raise ConversionError(
             f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: like's layers cannot hold the "
-            "source's state", problems=err.problems, mapping={s: t for s, t, _ in plan.pairs},
+            "source's state",
+            problems=err.problems,
+            mapping={s: t for s, t, _ in plan.pairs},
         ) from None
     pairs = _pairs(plan)
     verification = None
@@ -504,7 +527,8 @@ def convert(
         verification = _verify(plan, target, reordered)
         if not verification.passed and not (on_mismatch == "keep_like" and plan.hyper):
             raise ConversionError(
-                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs differ",
+                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs "
+                "differ",
                 problems=[verification.text(), f"worst output paths: {list(verification.worst)}"],
                 mapping={s: t for s, t, _ in plan.pairs},
                 measured=verification,

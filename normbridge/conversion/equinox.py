@@ -70,7 +70,13 @@ def _children(node: Any) -> list[tuple[str, Any]]:
 
 def get_at(node: Any, parts: list[str]) -> Any:
     for p in parts:
-        node = node[int(p)] if isinstance(node, (list, tuple)) else node[p] if isinstance(node, Mapping) else getattr(node, p)
+        node = (
+            node[int(p)]
+            if isinstance(node, (list, tuple))
+            else node[p]
+            if isinstance(node, Mapping)
+            else getattr(node, p)
+        )
     return node
 
 
@@ -176,6 +182,9 @@ class EquinoxSpoke(Spoke):
 
         model, state = split(like)
         ours = self._walk(like)[0]
+        if state is not None:  # State.set invalidates the State it is called on: work on a clone of like's
+            leaves, treedef = jax.tree_util.tree_flatten(state)
+            state = jax.tree_util.tree_unflatten(treedef, leaves)
         every = dict(ours)
         for layer in ours.values():
             if layer.inner is not None:

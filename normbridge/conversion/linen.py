@@ -116,7 +116,7 @@ class LinenSpoke(Spoke):
         if probe is None:
             raise LookupError("a linen model's layers exist only while it runs: pass probe= (an input batch)")
         nn = _nn()
-        module, variables = split(obj)
+        _, variables = split(obj)
         tr = _Trace()
 
         def intercept(next_fun: Any, args: Any, kwargs: Any, ctx: Any) -> Any:
@@ -266,7 +266,9 @@ class LinenSpoke(Spoke):
                     sub = {"params": sub}
                 for col, tree in sub.items():
                     new = {"/".join(k): v for k, v in _flatten(tree).items()}
-                    have = {"/".join(k[n:]): v for k, v in flat.get(col, {}).items() if k[:n] == parts and len(k) == n + 1}
+                    have = {
+                        "/".join(k[n:]): v for k, v in flat.get(col, {}).items() if k[:n] == parts and len(k) == n + 1
+                    }
                     found = check_plain(f"{col}/{path}", have, new)
                     problems += found
                     if not found:
@@ -288,4 +290,3 @@ class LinenSpoke(Spoke):
         if problems:
             raise ConversionError("writing the linen target failed", problems=problems)
         return module, {c: _unflatten(f) for c, f in flat.items()}
-

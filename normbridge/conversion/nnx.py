@@ -26,8 +26,13 @@ PLAIN_CLASSES = {
     "Embed": "embed",
     "MultiHeadAttention": "attention",
 }
-_PLAIN_FIELDS = {"dense": ("kernel", "bias"), "dense_general": ("kernel", "bias"), "conv": ("kernel", "bias"),
-                 "conv_transpose": ("kernel", "bias"), "embed": ("embedding",)}
+_PLAIN_FIELDS = {
+    "dense": ("kernel", "bias"),
+    "dense_general": ("kernel", "bias"),
+    "conv": ("kernel", "bias"),
+    "conv_transpose": ("kernel", "bias"),
+    "embed": ("embedding",),
+}
 _HEADS = ("query", "key", "value", "out")
 
 
@@ -111,8 +116,9 @@ class NnxSpoke(Spoke):
                 if isinstance(var, nnx.RngState):
                     continue
                 kind = "param" if isinstance(var, nnx.Param) else "unknown"
-                layers[path] = Layer(path, kind, type(var).__name__, {"value": _value(var)}, node,
-                                     meta={"attr": path.rsplit("/", 1)[-1]})
+                layers[path] = Layer(
+                    path, kind, type(var).__name__, {"value": _value(var)}, node, meta={"attr": path.rsplit("/", 1)[-1]}
+                )
 
         walk(model, "")
         return layers, stateless

@@ -55,7 +55,13 @@ def _is_array(x: Any) -> bool:
 
 
 def _get(node: Any, key: str) -> Any:
-    return node[int(key)] if isinstance(node, (list, tuple)) else node[key] if isinstance(node, Mapping) else getattr(node, key)
+    return (
+        node[int(key)]
+        if isinstance(node, (list, tuple))
+        else node[key]
+        if isinstance(node, Mapping)
+        else getattr(node, key)
+    )
 
 
 def _put(node: Any, key: str, value: Any) -> None:
@@ -105,8 +111,9 @@ class TreexSpoke(Spoke):
                 elif isinstance(value, (list, tuple, Mapping)):
                     walk(value, path)
                 elif _is_array(value) and prefix is not None:
-                    layers[path] = Layer(path, "param", type(value).__name__, {"value": value}, node,
-                                         meta={"attr": key})
+                    layers[path] = Layer(
+                        path, "param", type(value).__name__, {"value": value}, node, meta={"attr": key}
+                    )
 
         walk(model, "")
         return layers, stateless

@@ -390,7 +390,7 @@ def build(arch: str, framework: str, flavor: str = "native", seed: int = 0) -> A
         return model, state
     model = TreexMlp().init(jax.random.key(seed), x)
     out = model.copy()
-    for i, (name, layer) in enumerate(sorted(vars(out).items())):
+    for i, (_, layer) in enumerate(sorted(vars(out).items())):
         if not isinstance(layer, T.Module):
             continue
         for field in ("kernel", "bias", "scale", "mean", "var"):
@@ -416,7 +416,9 @@ def outputs(framework: str, model: Any, x: jax.Array) -> np.ndarray:
     """Eval-mode outputs computed with each framework's own API (independent of the engine)."""
     if framework == "linen":
         module, variables = model
-        return np.asarray(module.apply(variables, x, train=False) if "train" in _params(module) else module.apply(variables, x))
+        return np.asarray(
+            module.apply(variables, x, train=False) if "train" in _params(module) else module.apply(variables, x)
+        )
     if framework == "nnx":
         m = nnx.clone(model)
         m.eval()
