@@ -10,16 +10,14 @@ import json
 import subprocess
 import sys
 
-import conversion_models as M
-import equinox as eqx
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import normbridge
+from normbridge.conformance import conversion_models as M
 from normbridge.conformance.measure import tree_diff
 from normbridge.conversion import CROSS_RTOL, ConversionReport, pair
 
@@ -31,17 +29,7 @@ def model(arch: str, fw: str, flavor: str = "native", seed: int = 0):
     return M.build(arch, fw, flavor, seed)
 
 
-def state(fw: str, obj) -> dict:
-    """Every array of a model by path, read with the framework's own API."""
-    if fw == "linen":
-        tree = obj[1]
-    elif fw == "nnx":
-        tree = nnx.to_pure_dict(nnx.state(obj))
-    elif fw == "equinox":
-        tree = eqx.filter(obj, eqx.is_array)
-    else:
-        tree = obj
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+state = M.arrays
 
 
 def _bound(a: str, b: str, arch: str) -> float | None:

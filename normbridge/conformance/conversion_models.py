@@ -1,4 +1,5 @@
-"""The test architectures, written once per framework, native layers or facades (``ns``):
+"""The conversion architectures of tests/conversion and ``normbridge check``, once per framework (``ns``:
+native layers or facades):
 
 * ``resnet``: a ResNet in the style of flax's ``examples/imagenet/models.py``: stem ``conv_init`` /
   ``bn_init`` and blocks ``ResNetBlock_N`` (linen sorts the stem after the blocks); every BatchNorm has
@@ -440,3 +441,16 @@ def _params(module: Any) -> Any:
     import inspect
 
     return inspect.signature(type(module).__call__).parameters
+
+
+def arrays(framework: str, obj: Any) -> dict[str, np.ndarray]:
+    """Every array of a model by path, read with the framework's own API (for round-trip checks)."""
+    if framework == "linen":
+        tree = obj[1]
+    elif framework == "nnx":
+        tree = nnx.to_pure_dict(nnx.state(obj))
+    elif framework == "equinox":
+        tree = eqx.filter(obj, eqx.is_array)
+    else:
+        tree = obj
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
