@@ -5,7 +5,7 @@ native layers or facades):
   ``bn_init`` and blocks ``ResNetBlock_N`` (linen sorts the stem after the blocks); every BatchNorm has
   the same shape, so a shifted pairing is invisible to shape checks. The NNX/Equinox blocks *define*
   ``bn2`` before ``bn1`` (definition order is not call order);
-* ``transformer``: a pre-LN encoder block: Embed, LayerNorm, multi-head self-attention, LayerNorm,
+* ``transformer``: a pre-LN encoder block: Embed + a bare ``pos_embedding`` parameter, LayerNorm, multi-head self-attention, LayerNorm,
   Dense MLP, final RMSNorm;
 * ``sngn``: Conv + GroupNorm + SpectralNorm(Dense) + WeightNorm(Dense);
 * ``mlp``: Dense + BatchNorm + LayerNorm + RMSNorm (treex has no Conv/Embed/attention layers here).
@@ -91,7 +91,7 @@ class LinenTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, ids, train: bool = False):
-        x = nn.Embed(VOCAB, D)(ids)
+        x = nn.Embed(VOCAB, D)(ids) + self.param("pos_embedding", nn.initializers.normal(0.02), (SEQ, D))
         h = self.ns.LayerNorm()(x)
         x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, deterministic=not train)(h)
         h = self.ns.LayerNorm()(x)
@@ -153,6 +153,7 @@ class NnxResNet(nnx.Module):
 class NnxTransformer(nnx.Module):
     def __init__(self, ns: Any, rngs: nnx.Rngs):
         self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.pos_embedding = nnx.Param(jnp.zeros((SEQ, D)))
         self.ln1 = ns.LayerNorm(D, rngs=rngs)
         self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
         self.ln2 = ns.LayerNorm(D, rngs=rngs)
@@ -161,7 +162,7 @@ class NnxTransformer(nnx.Module):
         self.final = ns.RMSNorm(D, rngs=rngs)
 
     def __call__(self, ids):
-        x = self.embed(ids)
+        x = self.embed(ids) + self.pos_embedding[...]
         x = x + self.attn(self.ln1(x))
         x = x + self.down(nnx.gelu(self.up(self.ln2(x))))
         return self.final(x)
@@ -242,6 +243,7 @@ class EqxResNet(eqx.Module):
 
 class EqxTransformer(eqx.Module):
     embed: Any
+    pos_embedding: jax.Array
     ln1: Any
     attn: Any
     ln2: Any
@@ -252,6 +254,7 @@ class EqxTransformer(eqx.Module):
     def __init__(self, ns: Any, key: jax.Array):
         k = jax.random.split(key, 4)
         self.embed = eqx.nn.Embedding(VOCAB, D, key=k[0])
+        self.pos_embedding = jnp.zeros((SEQ, D))
         self.ln1 = ns.LayerNorm(D, eps=1e-6)
         self.attn = eqx.nn.MultiheadAttention(
             HEADS, D, use_query_bias=True, use_key_bias=True, use_value_bias=True, use_output_bias=True, key=k[1]
@@ -262,7 +265,7 @@ class EqxTransformer(eqx.Module):
         self.final = ns.RMSNorm(D, eps=1e-6, use_bias=False)
 
     def __call__(self, ids):
-        x = jax.vmap(self.embed)(ids)
+        x = jax.vmap(self.embed)(ids) + self.pos_embedding
         h = jax.vmap(self.ln1)(x)
         x = x + self.attn(h, h, h)
         h = jax.vmap(self.ln2)(x)

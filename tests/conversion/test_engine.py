@@ -138,7 +138,7 @@ def test_transformer_with_linen_attention_converts_to_nnx_and_equinox() -> None:
     for b in ("nnx", "equinox"):
         _, report = converted("transformer", "linen", b)
         kinds = {p.kind for p in report.pairs}
-        assert {"attention", "embed", "layer_norm", "rms_norm", "dense"} <= kinds
+        assert {"attention", "embed", "layer_norm", "rms_norm", "dense", "param"} <= kinds
         assert report.verified, str(report)
 
 
