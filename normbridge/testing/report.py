@@ -117,7 +117,8 @@ class DiffReport:
                 f"({n_bit} bitwise); tolerance: {self.tolerance}"
             )
         n_all_text = _n(n_all, "leaf", "leaves")
-        return f"{head}{n_bad} of {n_all_text} differ between {na} and {nb}; tolerance: {self.tolerance}"
+        verb = "differs" if n_bad == 1 else "differ"
+        return f"{head}{n_bad} of {n_all_text} {verb} between {na} and {nb}; tolerance: {self.tolerance}"
 
     def _two_paths(self) -> bool:
         return any(leaf.path_b for leaf in self.failures)
@@ -141,12 +142,12 @@ class DiffReport:
             else:
                 row += [
                     f"{leaf.mismatched}/{leaf.size}",
-                    _fmt_float(leaf.max_abs),
+                    "nan" if leaf.nan_mismatched else _fmt_float(leaf.max_abs),
                     "-" if leaf.index is None else str(leaf.index),
                     leaf.text_a or "-",
                     leaf.text_b or "-",
                     _fmt_float(leaf.max_rel, ".2g"),
-                    "-" if leaf.max_ulp is None else _fmt_float(leaf.max_ulp, ".0f"),
+                    "-" if leaf.max_ulp is None else _fmt_float(leaf.max_ulp, ".0f" if leaf.max_ulp < 1e6 else ".2e"),
                     leaf.note(),
                 ]
             rows.append(row)
@@ -159,7 +160,8 @@ class DiffReport:
         shown = len(self.only_a) + len(self.only_b) + len(self.failures)
         if shown > _MAX_ROWS:
             extra = f"; {shown - _MAX_ROWS} more rows in report.to_json()"
-        return f"{_n(n_eq, 'leaf', 'leaves')} match ({n_bit} bitwise){extra}"
+        verb = "matches" if n_eq == 1 else "match"
+        return f"{_n(n_eq, 'leaf', 'leaves')} {verb} ({n_bit} bitwise){extra}"
 
     def render(self, style: str = "auto") -> str:
         """The report as text: ``style`` is ``"plain"``, ``"rich"`` (box drawing, colour) or ``"auto"``."""
@@ -200,10 +202,10 @@ class DiffReport:
 
     def __repr__(self) -> str:
         if self.ok:
-            return f"DiffReport(ok, {len(self.leaves)} leaves)"
+            return f"DiffReport(ok, {_n(len(self.leaves), 'leaf', 'leaves')})"
         paths = self.failing_paths
         more = f", ... {len(paths) - 3} more" if len(paths) > 3 else ""
-        return f"DiffReport({len(paths)} differ: {', '.join(paths[:3])}{more})"
+        return f"DiffReport({_n(len(paths), 'mismatch', 'mismatches')}: {', '.join(paths[:3])}{more})"
 
     def to_dict(self) -> dict[str, Any]:
         return {

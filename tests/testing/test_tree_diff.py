@@ -199,7 +199,7 @@ def test_str_is_plain_in_logs_and_rich_on_demand():
     assert "\x1b[" not in str(r) and "step" in str(r)
     rich_text = r.render("rich")
     assert "\x1b[" in rich_text and "┃" in rich_text and "step" in rich_text
-    assert repr(r) == "DiffReport(1 differ: step)"
+    assert repr(r) == "DiffReport(1 mismatch: step)"
 
 
 def test_assert_trees_close_lists_every_bad_leaf():
