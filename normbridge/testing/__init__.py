@@ -19,17 +19,27 @@ from normbridge.testing._compare import (
     tree_paths,
     ulp_distance,
 )
+from normbridge.testing._models import Functional, functional
+from normbridge.testing.equivalent import EquivalenceReport, assert_equivalent, check_equivalent
+from normbridge.testing.pairing import LeafPair, pair_leaves
 from normbridge.testing.report import DiffReport, assert_trees_close, tree_diff
 
 __all__ = [
     "DEFAULT_TOLERANCES",
     "DiffReport",
+    "EquivalenceReport",
+    "Functional",
     "LeafDiff",
+    "LeafPair",
     "Tolerance",
+    "assert_equivalent",
     "assert_trees_close",
+    "check_equivalent",
     "compare_leaf",
     "compare_pairs",
     "default_tolerance",
+    "functional",
+    "pair_leaves",
     "tree_diff",
     "tree_paths",
     "ulp_distance",

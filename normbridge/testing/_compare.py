@@ -234,8 +234,13 @@ def compare_leaf(
     atol: float | None = None,
     max_ulp: int | None = None,
     path_b: str | None = None,
+    scale: float | None = None,
 ) -> LeafDiff:
-    """Compare one leaf of ``a`` with the same leaf of ``b`` (the reference); see the module doc for the rule."""
+    """Compare one leaf of ``a`` with the same leaf of ``b`` (the reference); see the module doc for the rule.
+
+    ``scale``: the magnitude the default tolerance is relative to, instead of the leaf's own ``max|b|``
+    (``assert_equivalent`` uses the largest gradient of the model for gradients: a gradient that is zero
+    in exact arithmetic is rounding noise, relative to its own magnitude it is 100 % off)."""
     x, y = _as_numpy(a), _as_numpy(b)
     common = dict(
         path=path,
@@ -272,7 +277,8 @@ def compare_leaf(
         inf_bad = valid & ~same & (np.isinf(x64) | np.isinf(y64))
         mag_y = np.abs(y64)
         finite_y = mag_y[valid & np.isfinite(mag_y)]
-        scale = float(finite_y.max()) if finite_y.size else 0.0
+        if scale is None:
+            scale = float(finite_y.max()) if finite_y.size else 0.0
         atol_used = tol.atol_scale * scale if scaled else tol.atol_scale
         rtol_used = tol.rtol
         exact = rtol_used == 0.0 and atol_used == 0.0 and tol.max_ulp is None and not scaled
