@@ -431,11 +431,11 @@ def _pairs(plan: _Plan) -> list[Pair]:
     return out
 
 
-def _compare(a: Any, b: Any) -> Any:
-    """The one tree comparison (swap for normbridge.testing.tree_diff when it lands)."""
-    from normbridge.conformance.measure import tree_diff
+def _compare(target_out: Any, source_out: Any) -> Any:
+    """The project's one tree comparison (:func:`normbridge.testing.tree_diff`); the source is the reference."""
+    from normbridge.testing import tree_diff
 
-    return tree_diff(a, b)
+    return tree_diff(target_out, source_out, rtol=0.0, atol=0.0)
 
 
 def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
@@ -443,15 +443,16 @@ def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
     ms, mt = src.spoke.prepare(src.obj, False), tgt.spoke.prepare(target, False)
     ys = src.spoke.runner(ms, src.call)(src.probe)
     yt = tgt.spoke.runner(mt, tgt.call)(tgt.probe)
-    d = _compare(ys, yt)
+    d = _compare(yt, ys)
     bitwise_required = src.framework in FLAX_FAMILY and tgt.framework in FLAX_FAMILY and not reordered
     bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
-    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves.values()):
-        return Verification("eval", False, float("inf"), float("inf"), bound, False, (d.text(),))
-    max_abs = max((x.max_abs for x in d.leaves.values()), default=0.0)
-    worst = tuple(p or "<output>" for p, _ in sorted(d.leaves.items(), key=lambda kv: -kv[1].max_rel)[:3])
-    passed = d.exact() if bitwise_required else d.within(CROSS_RTOL)
-    return Verification("eval", d.exact(), max_abs, d.worst(), bound, passed, worst)
+    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves):
+        return Verification("eval", False, float("inf"), float("inf"), bound, False, d.failing_paths[:3])
+    max_abs = max((x.max_abs for x in d.leaves), default=0.0)
+    max_rel = max((x.norm_rel for x in d.leaves), default=0.0)  # relative to the largest source output
+    worst = tuple(x.path or "<output>" for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3])
+    passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
+    return Verification("eval", d.bitwise, max_abs, max_rel, bound, passed, worst)
 
 
 def convert(
