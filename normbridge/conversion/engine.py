@@ -450,9 +450,58 @@ def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
         return Verification("eval", False, float("inf"), float("inf"), bound, False, d.failing_paths[:3])
     max_abs = max((x.max_abs for x in d.leaves), default=0.0)
     max_rel = max((x.norm_rel for x in d.leaves), default=0.0)  # relative to the largest source output
-    worst = tuple(x.path or "<output>" for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3])
+    worst = (
+        ()
+        if d.bitwise
+        else tuple(x.path or "<output>" for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3] if x.max_abs > 0)
+    )
     passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
     return Verification("eval", d.bitwise, max_abs, max_rel, bound, passed, worst)
+
+
+def _train_why(plan: _Plan) -> list[str]:
+    """Known reasons why train mode differs although eval mode agrees."""
+    fws = {plan.src.framework, plan.tgt.framework}
+    if (
+        "equinox" in fws
+        and fws != {"equinox"}
+        and any(plan.src.layers[s].kind == "batch_norm" for s, _, _ in plan.pairs)
+    ):
+        return [
+            "equinox BatchNorm mode='ema' normalises with its running statistics in training once they are "
+            "populated, flax-family BatchNorm with the batch's: eval behaviour converts, train behaviour does not"
+        ]
+    return []
+
+
+def _verify_train(plan: _Plan, target: Any, reordered: bool) -> Verification:
+    """One train-mode forward pass on both sides: outputs, and every paired norm layer's updated state."""
+    from normbridge.conversion.base import record_arrays
+
+    src, tgt = plan.src, plan.tgt
+    if src.call is not None or tgt.call is not None:
+        raise ConversionError("verify='train' uses the default call conventions; it cannot run with call= hooks")
+    ys, src_after = src.spoke.train_step(src.obj, src.probe)
+    yt, tgt_after = tgt.spoke.train_step(target, tgt.probe)
+    sl, tl = src.spoke.layers(src_after, src.probe), tgt.spoke.layers(tgt_after, tgt.probe)
+    a: dict[str, Any] = {"output": yt}
+    b: dict[str, Any] = {"output": ys}
+    for s, t, _ in plan.pairs:
+        if src.layers[s].kind not in NORM_KINDS:
+            continue
+        ra, rb = record_arrays(tl[t].record), record_arrays(sl[s].record)
+        for k in sorted(set(ra) & set(rb) - {"count"}):
+            if np.shape(ra[k]) == np.shape(rb[k]) or np.size(ra[k]) == np.size(rb[k]):
+                a[f"{t}/{k}"], b[f"{t}/{k}"] = np.reshape(np.asarray(ra[k]), np.shape(rb[k])), rb[k]
+    d = _compare(a, b)
+    # treex updates statistics with its float32 momentum (1 - m rounds differently): bitwise only linen <-> NNX
+    bitwise_required = {src.framework, tgt.framework} <= {"linen", "nnx"} and not reordered
+    bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
+    max_abs = max((x.max_abs for x in d.leaves), default=0.0)
+    max_rel = max((x.norm_rel for x in d.leaves), default=0.0)
+    worst = () if d.bitwise else tuple(x.path for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3] if x.max_abs > 0)
+    passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
+    return Verification("train (outputs, updated statistics)", d.bitwise, max_abs, max_rel, bound, passed, worst)
 
 
 def convert(
@@ -476,15 +525,16 @@ def convert(
     models, and to verify. ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the
     default way of calling a model does not apply (``None`` entries keep the default).
     ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise
-    among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``False`` converts unverified
-    (the report says so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters
+    among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``"train"`` also runs one
+    train-mode forward pass on both sides and compares its outputs and every paired norm layer's
+    updated statistics (gradients are not compared); ``False`` converts unverified (the report says so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters
     (eps, momentum, groups) differ, keeping like's; the report records it and the measured change.
 
     Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
     mismatched layers; a refused verification with the measured difference).
     """
-    if verify not in (True, False):
-        raise ValueError("verify must be True or False (verify='train' is not implemented yet)")
+    if verify not in (True, False, "train"):
+        raise ValueError(f"verify must be True, False or 'train', got {verify!r}")
     plan = _plan(source, like, mapping, probe, call, on_mismatch)
     src, tgt = plan.src, plan.tgt
     if verify and (src.probe is None or tgt.probe is None):
@@ -521,6 +571,7 @@ def convert(
         ) from None
     pairs = _pairs(plan)
     verification = None
+    train_check = None
     notes = list(plan.notes)
     if verify:
         # linen and NNX attention natively differ in operation order (~2e-7)
@@ -536,8 +587,21 @@ def convert(
             )
         if not verification.passed:
             notes.append(f"outputs changed by keeping like's hyper-parameters: {verification.text()}")
+        if verify == "train":
+            train = _verify_train(plan, target, reordered)
+            if not train.passed and not (on_mismatch == "keep_like" and plan.hyper):
+                raise ConversionError(
+                    f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: in train mode the converted "
+                    "model differs",
+                    problems=[train.text(), f"worst: {list(train.worst)}", *_train_why(plan)],
+                    mapping={s: t for s, t, _ in plan.pairs},
+                    measured=train,
+                )
+            train_check = train
     else:
         notes.append("unverified (verify=False)")
     skipped = tuple(f"source {p}" for p in src.stateless) + tuple(f"like {p}" for p in tgt.stateless)
-    report = ConversionReport(src.framework, tgt.framework, tuple(pairs), skipped, verification, tuple(notes))
+    report = ConversionReport(
+        src.framework, tgt.framework, tuple(pairs), skipped, verification, tuple(notes), train=train_check
+    )
     return target, report

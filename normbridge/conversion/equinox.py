@@ -163,6 +163,14 @@ class EquinoxSpoke(Spoke):
         y, _ = jax.vmap(model, axis_name=axis, in_axes=(0, None), out_axes=(0, None))(x, state)
         return y
 
+    def train_step(self, obj: Any, x: Any) -> tuple[Any, Any]:
+        model, state = split(self.prepare(obj, True))
+        axis = _axis_name(model)
+        if state is None or not _stateful(model):
+            return jax.vmap(model, axis_name=axis)(x), obj
+        y, new_state = jax.vmap(model, axis_name=axis, in_axes=(0, None), out_axes=(0, None))(x, state)
+        return y, (split(obj)[0], new_state)
+
     def trace(self, obj: Any, probe: Any, call: Callable | None = None) -> list[Call]:
         eqx = _eqx()
         model, state = split(self.prepare(obj, False))

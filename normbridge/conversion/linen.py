@@ -233,6 +233,14 @@ class LinenSpoke(Spoke):
             return y
         return module.apply(variables, x, **kw)
 
+    def train_step(self, obj: Any, x: Any) -> tuple[Any, Any]:
+        module, variables = obj
+        mutable = [c for c in variables if c != "params"]
+        y, updates = module.apply(
+            variables, x, mutable=mutable, rngs={"dropout": jax.random.key(0)}, **flags(module, True)
+        )
+        return y, (module, {**_plain(variables), **_plain(updates)})
+
     def write(self, like: Any, records: Mapping[str, Any], layers: Mapping[str, Layer], adapt: Any = None) -> Any:
         from normbridge.adapters.linen import convert
         from normbridge.errors import ConversionError

@@ -143,6 +143,12 @@ class NnxSpoke(Spoke):
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
 
+    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
+        m = self.prepare(model, True)
+        y = m(x)
+        m.eval()
+        return y, m
+
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:
         nnx = _nnx()
         m = self.prepare(model, False)

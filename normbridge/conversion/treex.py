@@ -133,6 +133,11 @@ class TreexSpoke(Spoke):
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
 
+    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
+        m = self.prepare(model, True)
+        y = m(x)  # treex layers update their statistics in place in train mode
+        return y, m.eval()
+
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:
         m = self.prepare(model, False)
         layers = self._walk(m)[0]

@@ -286,3 +286,23 @@ def test_import_normbridge_imports_no_framework() -> None:
 def test_linen_needs_a_module_and_variables() -> None:
     with pytest.raises(normbridge.ConversionError, match="linen model is passed as"):
         normbridge.convert(nn.Dense(3), model("mlp", "nnx"))
+
+
+def test_verify_train_compares_train_outputs_and_updated_statistics() -> None:
+    src = model("resnet", "linen")
+    _, report = normbridge.convert(
+        src, model("resnet", "nnx", seed=5), probe=M.probe("resnet", "linen"), verify="train"
+    )
+    assert report.train.passed and report.train.bitwise and report.verified
+    assert "train (outputs, updated statistics)" in str(report)
+
+
+def test_verify_train_refuses_flax_to_equinox_batch_norm_and_says_why() -> None:
+    """Equinox mode="ema" normalises with running statistics in training: eval converts, train does not."""
+    with pytest.raises(normbridge.ConversionError) as err:
+        normbridge.convert(
+            model("mlp", "linen"), model("mlp", "equinox", seed=5), probe=M.probe("mlp", "linen"), verify="train"
+        )
+    assert "in train mode the converted model differs" in str(err.value)
+    assert "normalises with its running statistics in training" in str(err.value)
+    assert err.value.measured.max_abs > 1e-2
