@@ -276,6 +276,8 @@ def _check_pair(src: _Side, tgt: _Side, s: str, t: str) -> list[str]:
 
 
 _HYPER = {"epsilon": {"equinox": "eps"}, "momentum": {}, "num_groups": {"equinox": "groups"}}
+#: Record options that change a layer's results, compared when both sides record them.
+_OPTIONS = ("use_fast_variance", "force_float32_reductions", "dtype", "n_steps", "group_size", "use_mean")
 
 
 def _hyper_diffs(a: Layer, b: Layer) -> list[tuple[str, Any, Any, bool]]:
@@ -289,6 +291,10 @@ def _hyper_diffs(a: Layer, b: Layer) -> list[tuple[str, Any, Any, bool]]:
             continue
         f32 = isinstance(va, float) and isinstance(vb, float) and np.float32(va) == np.float32(vb)
         out.append((field, va, vb, bool(f32)))
+    for name in _OPTIONS:
+        va, vb = a.record.option(name), b.record.option(name)
+        if va is not None and vb is not None and va != vb:
+            out.append((name, va, vb, False))
     return out
 
 
@@ -338,7 +344,7 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
         if diffs:
             hyper[t] = diffs
         for field, va, vb, f32 in diffs:
-            param = _HYPER[field].get(tgt.framework, field)
+            param = _HYPER.get(field, {}).get(tgt.framework, field)
             if f32:
                 notes.append(f"{t}: {field} {vb!r} taken for the source's {va!r} (equal at float32, treex's precision)")
             elif on_mismatch == "keep_like":
@@ -527,8 +533,10 @@ def convert(
     ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise
     among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``"train"`` also runs one
     train-mode forward pass on both sides and compares its outputs and every paired norm layer's
-    updated statistics (gradients are not compared); ``False`` converts unverified (the report says so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters
-    (eps, momentum, groups) differ, keeping like's; the report records it and the measured change.
+    updated statistics (gradients are not compared); ``False`` converts unverified (the report says
+    so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters (eps, momentum,
+    groups, ``use_fast_variance``, dtype, ...) differ, keeping like's; the report records it and the
+    measured output change.
 
     Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
     mismatched layers; a refused verification with the measured difference).
@@ -555,8 +563,9 @@ def convert(
     def adapt(path: str, record: Any, like_record: Any) -> Any:
         if not (isinstance(record, NormRecord) and isinstance(like_record, NormRecord)):
             return record
+        diffs = plan.hyper.get(path, ())
         keep = {
-            f: getattr(like_record, f) for f, _, _, f32 in plan.hyper.get(path, ()) if f32 or on_mismatch == "keep_like"
+            f: getattr(like_record, f) for f, _, _, f32 in diffs if f in _HYPER and (f32 or on_mismatch == "keep_like")
         }
         return record.replace(**keep) if keep else record
 

@@ -306,3 +306,25 @@ def test_verify_train_refuses_flax_to_equinox_batch_norm_and_says_why() -> None:
     assert "in train mode the converted model differs" in str(err.value)
     assert "normalises with its running statistics in training" in str(err.value)
     assert err.value.measured.max_abs > 1e-2
+
+
+def test_mapping_patterns_and_explicit_skips() -> None:
+    src, like = model("resnet", "linen"), model("resnet", "nnx", seed=5)
+    mapping = {
+        r"re:ResNetBlock_(\d+)/BatchNorm_0": r"blocks/\1/bn1",
+        r"re:ResNetBlock_(\d+)/BatchNorm_1": r"blocks/\1/bn2",
+    }
+    _, report = normbridge.convert(src, like, probe=M.probe("resnet", "linen"), mapping=mapping)
+    how = {p.source: (p.target, p.how) for p in report.pairs}
+    assert how["ResNetBlock_1/BatchNorm_0"] == ("blocks/1/bn1", "mapping") and report.verification.bitwise
+    with pytest.raises(normbridge.ConversionError, match="matches no source layer"):
+        normbridge.convert(src, like, probe=M.probe("resnet", "linen"), mapping={"re:nope_.*": "x"})
+
+
+def test_other_result_changing_options_are_refused() -> None:
+    src = model("mlp", "linen")
+    like = M.NnxMlp(nnx, nnx.Rngs(0))
+    like.ln.use_fast_variance = not like.ln.use_fast_variance
+    with pytest.raises(normbridge.ConversionError, match="use_fast_variance is") as err:
+        normbridge.convert(src, like, probe=M.probe("mlp", "linen"))
+    assert "use_fast_variance=" in str(err.value)
