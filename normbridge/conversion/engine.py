@@ -120,8 +120,22 @@ class _Side:
         return {c.path: c for c in self.calls or []}
 
 
+def _materialized(obj: Any) -> Any:
+    """``obj`` with abstract (``eval_shape``) arrays as zeros: the per-layer converters read arrays.
+    Only ``like`` is ever abstract, and all its values are replaced (an unpaired layer is refused)."""
+    import jax
+    import jax.numpy as jnp
+
+    def zeros(x: Any) -> Any:
+        return jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+
+    return jax.tree_util.tree_map(zeros, obj, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
 def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: list[str]) -> _Side:
     fw = framework_of(obj)
+    if fw in ("linen", "equinox"):  # NNX abstract models are handled by nnx itself
+        obj = _materialized(obj)
     spoke = spoke_for(fw)
     layers: dict[str, Layer] = {}
     calls = None

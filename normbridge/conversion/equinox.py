@@ -180,7 +180,10 @@ class EquinoxSpoke(Spoke):
         for path in sorted(known, key=lambda p: -p.count("/")):
             parts = path.split("/")
             model = eqx.tree_at(lambda m, q=parts: get_at(m, q), model, _recording(get_at(model, parts), path, rec))
-        jax.eval_shape(lambda x: self.run((model, state) if state is not None else model, x, False, call), probe)
+        # model and state as arguments: abstract (jax.eval_shape) arrays are fine
+        eqx.filter_eval_shape(
+            lambda m, s, x: self.run((m, s) if s is not None else m, x, False, call), model, state, probe
+        )
         return rec.calls()
 
     def write(self, like: Any, records: Mapping[str, Any], layers: Mapping[str, Layer], adapt: Any = None) -> Any:

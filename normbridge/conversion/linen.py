@@ -146,7 +146,8 @@ class LinenSpoke(Spoke):
             return out
 
         with nn.intercept_methods(intercept):
-            jax.eval_shape(lambda x: self.run(obj, x, False, call), probe)
+            # variables as an argument: abstract (jax.eval_shape) variables are fine
+            jax.eval_shape(lambda v, x: self.run((obj[0], v), x, False, call), variables, probe)
         layers: dict[str, Layer] = {}
         calls: list[Call] = []
         stateless: list[str] = []

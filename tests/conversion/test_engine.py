@@ -10,7 +10,9 @@ import json
 import subprocess
 import sys
 
+import equinox as eqx
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -328,3 +330,17 @@ def test_other_result_changing_options_are_refused() -> None:
     with pytest.raises(normbridge.ConversionError, match="use_fast_variance is") as err:
         normbridge.convert(src, like, probe=M.probe("mlp", "linen"))
     assert "use_fast_variance=" in str(err.value)
+
+
+@pytest.mark.parametrize("b", ["linen", "equinox"])
+def test_abstract_linen_and_equinox_like(b: str) -> None:
+    src = model("mlp", "nnx")
+    x = M.probe("mlp", b)
+    if b == "linen":
+        module = M.LinenMlp(nn)
+        like = (module, jax.eval_shape(lambda: module.init(jax.random.key(0), x)))
+    else:
+        like = eqx.filter_eval_shape(lambda: eqx.nn.make_with_state(M.EqxMlp)(eqx.nn, jax.random.key(0)))
+    tgt, report = normbridge.convert(src, like, probe=x)
+    assert report.verified, str(report)
+    _check_outputs("mlp", "nnx", src, b, tgt)
