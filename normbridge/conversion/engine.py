@@ -540,8 +540,10 @@ def convert(
     (or a stateless model), a :mod:`normbridge.adapters.treex` module; native layers or facades.
     ``like`` gives the target's architecture and layer classes (its values are replaced; abstract
     ``eval_shape`` values are fine); the target has ``like``'s structure, and nothing passed in is
-    mutated. ``probe``: an input batch, or ``(probe_for_source, probe_for_like)`` when the two take
-    different layouts (Equinox: channels first); needed to pair by execution order, for linen
+    mutated. ``mapping``: ``{source path: target path}`` pairs that take precedence (``None`` skips
+    a layer; ``"re:<regex>"`` keys; see the module docstring). ``probe``: an input batch, or
+    ``(probe_for_source, probe_for_like)`` when the two take different layouts (Equinox: channels
+    first); needed to pair by execution order, for linen
     models, and to verify. ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the
     default way of calling a model does not apply (``None`` entries keep the default).
     ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise
@@ -599,7 +601,16 @@ def convert(
     if verify:
         # linen and NNX attention natively differ in operation order (~2e-7)
         reordered = any(p.kind == "attention" for p in pairs)
-        verification = _verify(plan, target, reordered)
+        try:
+            verification = _verify(plan, target, reordered)
+        except ConversionError:
+            raise
+        except Exception as err:  # the user's model code failed: say where, don't leak a foreign exception
+            raise ConversionError(
+                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: running the models to verify "
+                f"failed: {type(err).__name__}: {err}",
+                mapping={s: t for s, t, _ in plan.pairs},
+            ) from err
         if not verification.passed and not (on_mismatch == "keep_like" and plan.hyper):
             raise ConversionError(
                 f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs "

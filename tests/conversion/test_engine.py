@@ -344,3 +344,13 @@ def test_abstract_linen_and_equinox_like(b: str) -> None:
     tgt, report = normbridge.convert(src, like, probe=x)
     assert report.verified, str(report)
     _check_outputs("mlp", "nnx", src, b, tgt)
+
+
+def test_a_failing_call_hook_is_a_conversion_error_naming_it() -> None:
+    def broken(m, x, train):
+        raise RuntimeError("user code broke")
+
+    with pytest.raises(normbridge.ConversionError, match="RuntimeError: user code broke"):
+        normbridge.convert(
+            model("mlp", "nnx"), model("mlp", "nnx", "facade", seed=5), probe=M.probe("mlp", "nnx"), call=(None, broken)
+        )
