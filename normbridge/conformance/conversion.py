@@ -41,7 +41,7 @@ def _one(arch: str, a: str, b: str, flavor_b: str) -> Result:
         tgt, report = normbridge.convert(src, M.build(arch, b, flavor_b, 5), probe=(M.probe(arch, a), M.probe(arch, b)))
     except normbridge.ConversionError as err:
         first = err.problems[0] if err.problems else str(err)
-        return Result(arch, a, name_b, True, f"refused: {first[:90]}", refused=True)
+        return Result(arch, a, name_b, True, f"refused: {first[:120]}", refused=True)
     v = report.verification
     measured = "bitwise" if v.bitwise else f"{v.max_abs:.1e}"
     back, _ = normbridge.convert(tgt, M.build(arch, a, "native", 9), probe=(M.probe(arch, b), M.probe(arch, a)))
