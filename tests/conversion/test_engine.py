@@ -354,3 +354,36 @@ def test_a_failing_call_hook_is_a_conversion_error_naming_it() -> None:
         normbridge.convert(
             model("mlp", "nnx"), model("mlp", "nnx", "facade", seed=5), probe=M.probe("mlp", "nnx"), call=(None, broken)
         )
+
+
+class LinenSetupOrder(nn.Module):
+    """Two same-shaped BatchNorms defined (setup) in the opposite order to their calls, names unlike NNX's."""
+
+    def setup(self):
+        self.z_dense = nn.Dense(M.C)
+        self.norm_late = nn.BatchNorm(use_running_average=True)
+        self.norm_early = nn.BatchNorm(use_running_average=True)
+
+    def __call__(self, x):
+        return self.norm_late(nn.relu(self.norm_early(self.z_dense(x))))
+
+
+class NnxCallOrder(nnx.Module):
+    def __init__(self, rngs):
+        self.b = nnx.BatchNorm(M.C, rngs=rngs)
+        self.a = nnx.BatchNorm(M.C, rngs=rngs)
+        self.lin = nnx.Linear(6, M.C, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(nnx.relu(self.a(self.lin(x))))
+
+
+def test_same_shaped_layers_defined_out_of_call_order_pair_by_calls() -> None:
+    x = M.features()
+    module = LinenSetupOrder()
+    variables = M._randomize_tree(module.init(jax.random.key(0), x), 1, M._is_var)
+    tgt, report = normbridge.convert((module, variables), NnxCallOrder(nnx.Rngs(0)), probe=x)
+    how = {p.source: p.target for p in report.pairs}
+    assert how == {"z_dense": "lin", "norm_early": "a", "norm_late": "b"}
+    tgt.eval()
+    assert np.array_equal(np.asarray(tgt(x)), np.asarray(module.apply(variables, x)))
