@@ -150,7 +150,8 @@ def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: lis
     except ConversionError:
         raise
     except Exception as err:  # the user's model code failed on the probe: report, don't leak
-        problems.append(f"{label} ({fw}): running the model on the probe failed: {type(err).__name__}: {err}")
+        hint = "" if call is not None else "; if it is not called the default way, pass call=(source_fn, like_fn)"
+        problems.append(f"{label} ({fw}): running the model on the probe failed: {type(err).__name__}: {err}{hint}")
     if probe is not None and calls is not None and not calls and layers:
         problems.append(
             f"{label} ({fw}): the probe run recorded no layer calls (does the call hook copy the model?); "

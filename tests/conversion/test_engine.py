@@ -350,10 +350,11 @@ def test_a_failing_call_hook_is_a_conversion_error_naming_it() -> None:
     def broken(m, x, train):
         raise RuntimeError("user code broke")
 
-    with pytest.raises(normbridge.ConversionError, match="RuntimeError: user code broke"):
+    with pytest.raises(normbridge.ConversionError, match="RuntimeError: user code broke") as err:
         normbridge.convert(
             model("mlp", "nnx"), model("mlp", "nnx", "facade", seed=5), probe=M.probe("mlp", "nnx"), call=(None, broken)
         )
+    assert "pass call=" not in str(err.value)  # a hook was given: no hint to give one
 
 
 class LinenSetupOrder(nn.Module):
@@ -387,3 +388,20 @@ def test_same_shaped_layers_defined_out_of_call_order_pair_by_calls() -> None:
     assert how == {"z_dense": "lin", "norm_early": "a", "norm_late": "b"}
     tgt.eval()
     assert np.array_equal(np.asarray(tgt(x)), np.asarray(module.apply(variables, x)))
+
+
+class NeedsMask(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask):
+        return nn.Dense(3)(x) * mask
+
+
+def test_a_model_not_callable_the_default_way_asks_for_a_call_hook() -> None:
+    x = M.features()
+    module = NeedsMask()
+    variables = module.init(jax.random.key(0), x, jnp.ones((1, 3)))
+    with pytest.raises(normbridge.ConversionError, match=r"pass call=\(source_fn, like_fn\)"):
+        normbridge.convert((module, variables), (module, variables), probe=x)
+    hook = lambda m, x, train: m[0].apply(m[1], x, jnp.ones((1, 3)))  # noqa: E731
+    _, report = normbridge.convert((module, variables), (module, variables), probe=x, call=(hook, hook))
+    assert report.verification.bitwise
