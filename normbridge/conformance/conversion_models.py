@@ -5,14 +5,15 @@ native layers or facades):
   ``bn_init`` and blocks ``ResNetBlock_N`` (linen sorts the stem after the blocks); every BatchNorm has
   the same shape, so a shifted pairing is invisible to shape checks. The NNX/Equinox blocks *define*
   ``bn2`` before ``bn1`` (definition order is not call order);
-* ``transformer``: a pre-LN encoder block: Embed + a bare ``pos_embedding`` parameter, LayerNorm, multi-head self-attention, LayerNorm,
-  Dense MLP, final RMSNorm;
+* ``transformer``: a pre-LN encoder block: Embed + a bare ``pos_embedding`` parameter, LayerNorm,
+  multi-head self-attention, LayerNorm, Dense MLP, final RMSNorm;
 * ``sngn``: Conv + GroupNorm + SpectralNorm(Dense) + WeightNorm(Dense);
 * ``mlp``: Dense + BatchNorm + LayerNorm + RMSNorm (treex has no Conv/Embed/attention layers here).
 
-``build(arch, framework, flavor)`` returns ``(model, probe)`` with random, non-trivial state (random
-weights and running statistics, set in each framework's own layout with its own API); Equinox takes
-channels-first images. Tiny shapes keep the suite fast.
+``build(arch, framework, flavor)`` returns the model (in the form ``normbridge.convert`` takes) with
+random, non-trivial state (random weights and running statistics, set in each framework's own layout
+with its own API); ``probe(arch, framework)`` its input (Equinox: channels-first images);
+``outputs`` runs it with the framework's own API. Tiny shapes keep the suite fast.
 """
 
 from __future__ import annotations
