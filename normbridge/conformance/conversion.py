@@ -44,7 +44,10 @@ def _one(arch: str, a: str, b: str, flavor_b: str) -> Result:
         return Result(arch, a, name_b, True, f"refused: {first[:120]}", refused=True)
     v = report.verification
     measured = "bitwise" if v.bitwise else f"{v.max_abs:.1e}"
-    back, _ = normbridge.convert(tgt, M.build(arch, a, "native", 9), probe=(M.probe(arch, b), M.probe(arch, a)))
+    try:
+        back, _ = normbridge.convert(tgt, M.build(arch, a, "native", 9), probe=(M.probe(arch, b), M.probe(arch, a)))
+    except normbridge.ConversionError:
+        return Result(arch, a, name_b, v.passed, f"{measured}; one way (the way back is refused)")
     exact = tree_diff(M.arrays(a, src), M.arrays(a, back)).exact()
     return Result(arch, a, name_b, v.passed and exact, f"{measured}; round trip {'exact' if exact else 'NOT exact'}")
 

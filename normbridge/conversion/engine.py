@@ -408,8 +408,12 @@ def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
             out.append("debias running statistics (equinox mode='batch')")
         if rec.stats_convention == "ema" and tfw == "equinox":
             out.append("flax EMA statistics -> equinox mode='ema', first-time flag cleared")
-        if tfw == "nnx" or sfw == "nnx":
-            out.append("spectral u (1, out) <-> (out,)") if kind == "spectral_norm" else None
+        if cross and kind == "spectral_norm":
+            out.append(
+                "flax power iteration from u -> equinox (u, v)" if tfw == "equinox" else "equinox u, sigma = u W v"
+            )
+        if cross and kind == "weight_norm":
+            out.append("gain per output unit (flax eps 1e-12 under the root, equinox none)")
     return tuple(out)
 
 
@@ -478,6 +482,17 @@ def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
     )
     passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
     return Verification("eval", d.bitwise, max_abs, max_rel, bound, passed, worst)
+
+
+def _eval_why(plan: _Plan) -> list[str]:
+    """Known reasons why eval outputs differ although every pair checked out."""
+    crossing = plan.src.framework == "equinox" and plan.tgt.framework != "equinox"
+    if crossing and any(plan.src.layers[s].kind == "spectral_norm" for s, _, _ in plan.pairs):
+        return [
+            "equinox SpectralNorm uses its stored (u, v) at inference, flax iterates from u on every call: "
+            "they agree only where equinox's power iteration has converged"
+        ]
+    return []
 
 
 def _train_why(plan: _Plan) -> list[str]:
@@ -571,11 +586,25 @@ def convert(
             mapping=plan.suggestion,
         )
     records: dict[str, Any] = {}
+    bridge_problems: list[str] = []
     for s, t, _ in plan.pairs:
         a, b = src.layers[s], tgt.layers[t]
         records[t] = a.record
+        if a.kind in WRAPPER_KINDS and src.spoke.family != tgt.spoke.family:
+            from normbridge.conversion.bridge import wrapper_record
+
+            try:
+                records[t] = wrapper_record(a, b, src.spoke.family)
+            except (ValueError, KeyError, TypeError) as err:
+                bridge_problems.append(f"source {s!r} -> like {t!r}: {err}")
         if a.inner is not None and b.inner is not None:
             records[b.inner.path] = a.inner.record
+    if bridge_problems:
+        raise ConversionError(
+            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused",
+            problems=bridge_problems,
+            mapping=plan.suggestion,
+        )
 
     def adapt(path: str, record: Any, like_record: Any) -> Any:
         if not (isinstance(record, NormRecord) and isinstance(like_record, NormRecord)):
@@ -616,7 +645,7 @@ def convert(
             raise ConversionError(
                 f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs "
                 "differ",
-                problems=[verification.text(), f"worst output paths: {list(verification.worst)}"],
+                problems=[verification.text(), f"worst output paths: {list(verification.worst)}", *_eval_why(plan)],
                 mapping={s: t for s, t, _ in plan.pairs},
                 measured=verification,
             )
