@@ -1,5 +1,7 @@
 """Comparison helpers shared by every facade's conformance checks and tests.
 
+The comparison itself is :mod:`normbridge.testing` (one tree-diff implementation); ``Diff`` and
+``TreeDiff`` are the suite's summaries of its :class:`~normbridge.testing.LeafDiff` records.
 Tolerances follow the project standard: float32 within 1e-6 relative (bitwise
 where the operation order is the same), half precision within one unit in the
 last place of the native result, stored state exactly.
@@ -14,18 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: Relative tolerance per result dtype (relative to max |native|).
-REL_TOL: dict[str, float] = {
-    "float64": 1e-12,
-    "float32": 1e-6,
-    "bfloat16": 2.0**-7,  # one bf16 ulp: what native shows between jit and eager runs
-    "float16": 2.0**-10,
-}
+from normbridge.testing import DEFAULT_TOLERANCES, DiffReport, LeafDiff, compare_leaf, tree_paths
+from normbridge.testing.report import diff_paths
+
+#: Relative tolerance per result dtype (relative to max |native|): the scale part of
+#: :data:`normbridge.testing.DEFAULT_TOLERANCES`, so the suite and the testing helpers agree.
+REL_TOL: dict[str, float] = {k: DEFAULT_TOLERANCES[k].atol_scale for k in ("float64", "float32", "bfloat16", "float16")}
+
+_INF = float("inf")
+
+
+def _result_dtype(x: Any) -> str:
+    # The dtype jnp.asarray(x) would have (float64 inputs become float32 unless x64 is enabled).
+    return str(jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)) if not isinstance(x, jax.Array) else str(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class Diff:
-    """Difference between a native and a facade array."""
+    """Difference between a native and a facade array: a view of :class:`normbridge.testing.LeafDiff`."""
 
     bitwise: bool
     max_abs: float
@@ -33,6 +41,22 @@ class Diff:
     dtype: str
     same_shape: bool = True
     same_dtype: bool = True
+
+    @classmethod
+    def of(cls, leaf: LeafDiff, dtype: str) -> Diff:
+        """The suite's summary of one leaf: ``max_rel`` is ``max |native - facade| / max |native|``."""
+        if not leaf.same_shape:
+            return cls(False, _INF, _INF, dtype, same_shape=False)
+        if not leaf.same_dtype:
+            return cls(False, _INF, _INF, dtype, same_dtype=False)
+        if np.dtype(leaf.dtype_b).kind in "biu":
+            return cls(leaf.bitwise, 0.0 if leaf.bitwise else _INF, 0.0 if leaf.bitwise else _INF, dtype)
+        if leaf.nan_mismatched:
+            return cls(False, _INF, _INF, dtype)
+        if leaf.nan_matched == leaf.size:
+            return cls(leaf.bitwise, 0.0, 0.0, dtype)
+        scale = leaf.absmax_b
+        return cls(leaf.bitwise, leaf.max_abs, leaf.max_abs / scale if scale > 0 else leaf.max_abs, dtype)
 
     def within(self, rel_tol: float | None = None) -> bool:
         if not (self.same_shape and self.same_dtype):
@@ -50,46 +74,20 @@ class Diff:
         return "bitwise" if self.bitwise else f"max rel {self.max_rel:.1e}"
 
 
-def _bytes(a: np.ndarray) -> np.ndarray:
-    # A byte view needs a contiguous array of rank >= 1; 0-d and strided arrays are copied.
-    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-
-
 def diff(native: Any, facade: Any) -> Diff:
     """Compare two arrays: bitwise equality, max abs and relative error (NaNs must coincide)."""
-    a = np.asarray(native)
-    b = np.asarray(facade)
-    dtype = str(jnp.asarray(native).dtype)
-    if a.shape != b.shape:
-        return Diff(False, float("inf"), float("inf"), dtype, same_shape=False)
-    if a.dtype != b.dtype:
-        return Diff(False, float("inf"), float("inf"), dtype, same_dtype=False)
-    if a.dtype.kind in "biu" or a.dtype == bool:
-        eq = bool(np.array_equal(a, b))
-        return Diff(eq, 0.0 if eq else float("inf"), 0.0 if eq else float("inf"), dtype)
-    bitwise = bool(np.array_equal(_bytes(a), _bytes(b)))
-    a64 = a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
-    b64 = b.astype(a64.dtype)
-    nan_a, nan_b = np.isnan(a64), np.isnan(b64)
-    if not np.array_equal(nan_a, nan_b):
-        return Diff(False, float("inf"), float("inf"), dtype)
-    finite = ~nan_a
-    if not finite.any():
-        return Diff(bitwise, 0.0, 0.0, dtype)
-    err = np.abs(a64[finite] - b64[finite])
-    max_abs = float(err.max()) if err.size else 0.0
-    scale = float(np.abs(a64[finite]).max()) if err.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else max_abs
-    return Diff(bitwise, max_abs, max_rel, dtype)
+    # normbridge.testing's reference side is b: the native result.
+    return Diff.of(compare_leaf("", facade, native), _result_dtype(native))
 
 
 @dataclasses.dataclass(frozen=True)
 class TreeDiff:
-    """Result of comparing two pytrees leaf by leaf, by path."""
+    """Result of comparing two pytrees leaf by leaf, by path (a view of a :class:`DiffReport`)."""
 
     missing: tuple[str, ...]  # in native, not in facade
     extra: tuple[str, ...]  # in facade, not in native
     leaves: dict[str, Diff]
+    report: DiffReport | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def same_structure(self) -> bool:
@@ -116,19 +114,12 @@ class TreeDiff:
         return f"max rel {self.worst():.1e}"
 
 
-def tree_paths(tree: Any) -> dict[str, Any]:
-    """``{"a/b/c": leaf}`` for every leaf of a pytree (dict keys, attributes, indices)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): leaf for p, leaf in flat}
-
-
 def tree_diff(native: Any, facade: Any) -> TreeDiff:
-    """Compare two pytrees by path."""
+    """Compare two pytrees by path (:func:`normbridge.testing.tree_diff` with the native tree as reference)."""
     a, b = tree_paths(native), tree_paths(facade)
-    missing = tuple(sorted(set(a) - set(b)))
-    extra = tuple(sorted(set(b) - set(a)))
-    leaves = {k: diff(a[k], b[k]) for k in sorted(set(a) & set(b))}
-    return TreeDiff(missing, extra, leaves)
+    report = diff_paths(b, a)
+    leaves = {leaf.path: Diff.of(leaf, _result_dtype(a[leaf.path])) for leaf in report.leaves}
+    return TreeDiff(report.only_b, report.only_a, dict(sorted(leaves.items())), report)
 
 
 def shape_dtype_tree(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -1,0 +1,419 @@
+"""``assert_equivalent``: two models compute the same thing — values, layers, outputs, gradients, training.
+
+Checks, in order; the first check that fails is reported in full (every mismatching leaf, in the user's
+paths of both models) and the later ones are not run, because a difference found early explains the
+ones after it:
+
+1. **models**: every paired parameter and statistic, plus (linen) every layer replayed on the same
+   inputs — a layer that holds the same values and receives the same input but computes something else
+   (a different eps, a different formula) is named by its path;
+2. **eval outputs** on each batch;
+3. **gradients** of ``loss`` (default: mean square of the output) with respect to the input and every
+   parameter, in training mode;
+4. for ``train_steps > 0``, each step of the same optax optimizer (default ``optax.sgd(1e-2)``) on the
+   batches in turn: training-mode outputs, gradients, then parameters and statistics after the update,
+   then eval outputs.
+
+Parameters are paired by :mod:`normbridge.testing.pairing` (same structure: by path, with ``mapping``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normbridge.testing._compare import LeafDiff, compare_leaf, tree_paths
+from normbridge.testing._models import Functional, functional
+from normbridge.testing.pairing import LeafPair, pair_leaves
+from normbridge.testing.report import DiffReport, _tolerance_text
+
+
+@dataclasses.dataclass(frozen=True)
+class EquivalenceReport:
+    """What :func:`assert_equivalent` checked: one :class:`DiffReport` per check, in order."""
+
+    checks: tuple[DiffReport, ...]
+    not_run: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return all(self.checks)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def failed(self) -> DiffReport | None:
+        return next((c for c in self.checks if not c), None)
+
+    @property
+    def failing_paths(self) -> tuple[str, ...]:
+        """The paths (of model ``a``) the first failing check names."""
+        return () if self.failed is None else self.failed.failing_paths
+
+    def render(self, style: str = "plain") -> str:
+        lines = []
+        for c in self.checks:
+            lines.append(c.render(style) if not c else f"ok: {c.summary()}")
+        if self.not_run:
+            lines.append("not run (an earlier check failed): " + ", ".join(self.not_run))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render("auto")
+
+
+def _mean_square(y: Any) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(y)
+    return sum(jnp.mean(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
+
+
+def _named(f: Functional) -> dict[str, Any]:
+    """The user's paths of a model's parameters and state (linen: with their collection)."""
+    if f.framework == "linen":
+        out = {f"params/{k}" if k else "params": v for k, v in tree_paths(f.params).items()}
+        out.update(tree_paths(f.state))
+        return out
+    out = dict(tree_paths(f.params))
+    for k, v in tree_paths(f.state).items():
+        out[k if k not in out else f"state/{k}"] = v
+    return out
+
+
+class _Checker:
+    def __init__(self, pairs: list[LeafPair], names: tuple[str, str], rtol, atol) -> None:
+        self.pairs = pairs
+        self.names = names
+        self.rtol, self.atol = rtol, atol
+        self.tolerance = _tolerance_text(rtol, atol, None)
+        self.by_a = {p.path_a: p for p in pairs}
+
+    def leaves(
+        self, title: str, la: dict[str, Any], lb: dict[str, Any], paired: bool, prefix: str = "", tree_scale=False
+    ) -> DiffReport:
+        """Compare two ``{path: leaf}`` dicts; ``paired``: through the parameter pairing (b's paths differ);
+        ``prefix`` is put before every reported path (``grad ``, ``after step ``)."""
+        out: list[LeafDiff] = []
+        only_a, only_b = [], []
+        scale = _tree_scale(lb) if tree_scale else None
+        if paired:
+            seen_b = set()
+            for pa, va in la.items():
+                pair = self.by_a.get(pa)
+                if pair is None or pair.path_b not in lb:
+                    only_a.append(prefix + pa)
+                    continue
+                seen_b.add(pair.path_b)
+                vb = lb[pair.path_b] if pair.to_a is None else pair.to_a(lb[pair.path_b])
+                out.append(
+                    compare_leaf(
+                        prefix + pa, va, vb, rtol=self.rtol, atol=self.atol, path_b=prefix + pair.path_b, scale=scale
+                    )
+                )
+            only_b = [prefix + pb for pb in lb if pb not in seen_b]
+        else:
+            for pa, va in la.items():
+                if pa in lb:
+                    out.append(compare_leaf(pa, va, lb[pa], rtol=self.rtol, atol=self.atol, scale=scale))
+                else:
+                    only_a.append(pa)
+            only_b = [pb for pb in lb if pb not in la]
+        return DiffReport(tuple(out), tuple(sorted(only_a)), tuple(sorted(only_b)), self.names, self.tolerance, title)
+
+
+def _merge(title: str, parts: Sequence[DiffReport]) -> DiffReport:
+    first = parts[0]
+    return dataclasses.replace(
+        first,
+        title=title,
+        leaves=tuple(leaf for p in parts for leaf in p.leaves),
+        only_a=tuple(q for p in parts for q in p.only_a),
+        only_b=tuple(q for p in parts for q in p.only_b),
+    )
+
+
+def _tree_scale(leaves: dict[str, Any]) -> float:
+    """Largest finite magnitude over all leaves (0 when none)."""
+    best = 0.0
+    for v in leaves.values():
+        x = np.abs(np.asarray(v, dtype=np.float64)) if np.asarray(v).dtype.kind in "fcV" else None
+        if x is not None and x.size:
+            finite = x[np.isfinite(x)]
+            if finite.size:
+                best = max(best, float(finite.max()))
+    return best
+
+
+def _outputs(prefix: str, y: Any) -> dict[str, Any]:
+    return {f"{prefix}/{k}" if k else prefix: v for k, v in tree_paths(y).items()}
+
+
+# -- linen layer replay ----------------------------------------------------------------------------------
+def _linen_layer_replay(
+    fa: Functional, fb: Functional, model_a: Any, model_b: Any, x: Any, checker: _Checker
+) -> list[LeafDiff]:
+    """Run every layer of ``b`` on the inputs the same layer of ``a`` received; the innermost layers whose
+    outputs differ (same structure: layers paired by path and call order)."""
+    import flax.linen as nn
+
+    from normbridge.testing._models import _linen_flags
+
+    module_a, module_b = model_a[0], model_b[0]
+    calls: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+
+    def record(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__":
+            calls["/".join(ctx.module.path)].append((args, kwargs, out))
+        return out
+
+    with nn.intercept_methods(record):
+        module_a.apply({"params": fa.params, **fa.state}, x, **_linen_flags(module_a, False))
+
+    diffs: dict[str, LeafDiff] = {}
+    order: list[str] = []
+
+    def replay(next_fun, args, kwargs, ctx):
+        path = "/".join(ctx.module.path)
+        if ctx.method_name != "__call__" or not calls[path]:
+            return next_fun(*args, **kwargs)
+        a_args, a_kwargs, a_out = calls[path].popleft()
+        try:
+            out = next_fun(*a_args, **a_kwargs)
+        except Exception as err:  # this layer of b cannot run on a's input: named, a's output passed on
+            diffs.setdefault(path or "(model)", _error_leaf(path or "(model)", err))
+            return a_out
+        d = _first_bad(path or "(model)", a_out, out, checker)
+        if d is not None and path not in diffs:
+            diffs[path] = d
+            order.append(path)
+        return out
+
+    # a failure outside any layer call: the models' check reports its cause
+    with nn.intercept_methods(replay), contextlib.suppress(Exception):
+        module_b.apply({"params": fb.params, **fb.state}, x, **_linen_flags(module_b, False))
+    # innermost only: a layer whose sub-layer already differs adds nothing
+    bad = [p for p in diffs if not any(q != p and (p == "" or q.startswith(p + "/")) for q in diffs)]
+    return [diffs[p] for p in bad]
+
+
+def _error_leaf(path: str, err: Exception) -> LeafDiff:
+    text = f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+    return LeafDiff(path, (), (), "", "", 1, 1, False, text_a="runs", text_b=text)
+
+
+def _first_bad(path: str, a_out: Any, b_out: Any, checker: _Checker) -> LeafDiff | None:
+    la, lb = tree_paths(b_out), tree_paths(a_out)
+    if set(la) != set(lb):
+        return LeafDiff(path, (), (), "", "", 1, 1, False, text_a="output structure differs")
+    worst = None
+    for k in la:
+        d = compare_leaf(f"{path}/{k}" if k else path, lb[k], la[k], rtol=checker.rtol, atol=checker.atol)
+        if not d.ok and (worst is None or d.norm_rel > worst.norm_rel):
+            worst = d
+    return worst
+
+
+def _layer_of(path: str, framework: str) -> str:
+    parts = path.split("/")
+    return "/".join(parts[1:-1] if framework == "linen" else parts[:-1])
+
+
+# -- the check ---------------------------------------------------------------------------------------------
+def _batches(inputs: Any) -> list[Any]:
+    return list(inputs) if isinstance(inputs, list) else [inputs]
+
+
+def assert_equivalent(
+    a: Any,
+    b: Any,
+    inputs: Any,
+    *,
+    mapping: Mapping[str, str] | None = None,
+    train_steps: int = 0,
+    optimizer: Any = None,
+    loss: Callable[[Any], Any] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> EquivalenceReport:
+    """Assert that models ``a`` and ``b`` compute the same thing; raise ``AssertionError`` naming every
+    mismatching leaf of the first check that fails (see the module doc for the checks), in both models'
+    paths. ``b`` is the reference for tolerances.
+
+    ``a``, ``b``: a linen ``(module, variables)``, an NNX module, an Equinox model or ``(model, state)``,
+    a treex module (native or facade layers), or a :class:`~normbridge.testing.Functional`.
+    ``inputs``: one batch or a list of batches (one per training step, reused cyclically).
+    ``mapping``: ``{path_in_a: path_in_b}`` (exact paths or path prefixes) for parameters named differently.
+    ``loss(y)``: scalar training loss of an output (default: mean square). ``optimizer``: an optax
+    ``GradientTransformation`` (default ``optax.sgd(1e-2)``). ``rtol``/``atol``: as :func:`tree_diff`.
+    Returns the :class:`EquivalenceReport` when the models are equivalent.
+    """
+    __tracebackhide__ = True
+    report = check_equivalent(
+        a, b, inputs, mapping=mapping, train_steps=train_steps, optimizer=optimizer, loss=loss, rtol=rtol, atol=atol
+    )
+    if not report:
+        raise AssertionError(report.render("plain"))
+    return report
+
+
+def check_equivalent(
+    a: Any,
+    b: Any,
+    inputs: Any,
+    *,
+    mapping: Mapping[str, str] | None = None,
+    train_steps: int = 0,
+    optimizer: Any = None,
+    loss: Callable[[Any], Any] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> EquivalenceReport:
+    """:func:`assert_equivalent` without raising: the :class:`EquivalenceReport`."""
+    fa, fb = functional(a), functional(b)
+    names = (f"a ({fa.framework})", f"b ({fb.framework})")
+    named_a, named_b = _named(fa), _named(fb)
+    pairs, notes = pair_leaves(fa, fb, named_a, named_b, mapping=mapping, models=(a, b))
+    checker = _Checker(pairs, names, rtol, atol)
+    batches = _batches(inputs)
+    loss = loss or _mean_square
+    checks: list[DiffReport] = []
+    planned = ["eval outputs", "gradients"] + [f"training step {k + 1}/{train_steps}" for k in range(train_steps)]
+
+    def done(report: DiffReport, rest: Sequence[str]) -> EquivalenceReport | None:
+        checks.append(report)
+        if not report:
+            return EquivalenceReport(tuple(checks), tuple(rest), tuple(notes))
+        return None
+
+    # 1. models: values, and (linen) layers replayed on the same inputs
+    models = checker.leaves("models: parameters and statistics", named_a, named_b, paired=True)
+    if fa.framework == fb.framework == "linen":
+        explained = {_layer_of(p, "linen") for p in models.failing_paths}
+        replayed = _linen_layer_replay(fa, fb, a, b, batches[0], checker)
+        extra = tuple(
+            d
+            for d in replayed
+            if not any(d.path == e or e.startswith(d.path + "/") or d.path.startswith(e + "/") for e in explained)
+        )
+        models = dataclasses.replace(models, leaves=models.leaves + extra, title="models: values and layers")
+    else:
+        notes.append("layer replay (naming the layer that computes differently) is implemented for linen pairs")
+    if (r := done(models, planned)) is not None:
+        return r
+
+    apply_a = jax.jit(fa.apply, static_argnums=3)
+    apply_b = jax.jit(fb.apply, static_argnums=3)
+
+    # 2. eval outputs
+    la, lb = {}, {}
+    for i, x in enumerate(batches):
+        tag = "output" if len(batches) == 1 else f"output[batch {i}]"
+        la.update(_outputs(tag, apply_a(fa.params, fa.state, x, False)[0]))
+        lb.update(_outputs(tag, apply_b(fb.params, fb.state, x, False)[0]))
+    if (r := done(checker.leaves("eval outputs", la, lb, paired=False), planned[1:])) is not None:
+        return r
+
+    opt = optimizer
+    if opt is None and train_steps:
+        import optax
+
+        opt = optax.sgd(1e-2)
+
+    def make_step(apply: Callable) -> Callable:
+        """One jitted training step: loss, outputs, new statistics, gradients and (with an optimizer) the update."""
+
+        def scalar(p, s, x):
+            y, new_state = apply(p, s, x, True)
+            return loss(y), (y, new_state)
+
+        def step(p, s, o, x):
+            (_, (y, new_s)), (gp, gx) = jax.value_and_grad(scalar, argnums=(0, 2), has_aux=True)(p, s, x)
+            if opt is None:
+                return y, new_s, gp, gx, p, o
+            import optax
+
+            updates, new_o = opt.update(gp, o, p)
+            return y, new_s, gp, gx, optax.apply_updates(p, updates), new_o
+
+        return jax.jit(step)
+
+    step_a, step_b = make_step(fa.apply), make_step(fb.apply)
+
+    def state_named(f: Functional, st: Any) -> dict[str, Any]:
+        return _named(dataclasses.replace(f, params={}, state=st))
+
+    def params_named(f: Functional, p: Any) -> dict[str, Any]:
+        return _named(dataclasses.replace(f, params=p, state={}))
+
+    def forward_report(title: str, ra: tuple, rb: tuple, with_state: bool) -> DiffReport:
+        """Training-mode outputs, input gradient, parameter gradients (and the statistics the step wrote)."""
+        ya, sa_new, gpa, gxa = ra[:4]
+        yb, sb_new, gpb, gxb = rb[:4]
+        parts = [
+            checker.leaves(
+                title,
+                {**_outputs("train output", ya), **_outputs("grad(input)", gxa)},
+                {**_outputs("train output", yb), **_outputs("grad(input)", gxb)},
+                paired=False,
+            ),
+            checker.leaves(
+                title, params_named(fa, gpa), params_named(fb, gpb), paired=True, prefix="grad ", tree_scale=True
+            ),
+        ]
+        if with_state:
+            parts.append(
+                checker.leaves(
+                    title, state_named(fa, sa_new), state_named(fb, sb_new), paired=True, prefix="after step: "
+                )
+            )
+        return _merge(title, parts)
+
+    # 3. gradients on the first batch (training mode)
+    x0 = batches[0]
+    oa = ob = None
+    if opt is not None:
+        oa, ob = opt.init(fa.params), opt.init(fb.params)
+    first_a = step_a(fa.params, fa.state, oa, x0)
+    first_b = step_b(fb.params, fb.state, ob, x0)
+    if (r := done(forward_report("gradients", first_a, first_b, False), planned[2:])) is not None:
+        return r
+
+    # 4. training: step k is what the optimizer does on batch k
+    pa, sa, pb, sb = fa.params, fa.state, fb.params, fb.state
+    for k in range(train_steps):
+        x = batches[k % len(batches)]
+        title = f"training step {k + 1}/{train_steps}"
+        ra = first_a if k == 0 else step_a(pa, sa, oa, x)
+        rb = first_b if k == 0 else step_b(pb, sb, ob, x)
+        fwd = forward_report(title, ra, rb, True)
+        (sa, pa, oa), (sb, pb, ob) = (ra[1], ra[4], ra[5]), (rb[1], rb[4], rb[5])
+        parts = [fwd]
+        if fwd:  # the update, then the eval outputs it leads to; a difference before explains those after
+            parts.append(
+                checker.leaves(
+                    title,
+                    params_named(fa, pa),
+                    params_named(fb, pb),
+                    paired=True,
+                    prefix="after step: ",
+                    tree_scale=True,
+                )
+            )
+        if all(parts):
+            ya = _outputs("eval output after step", apply_a(pa, sa, x, False)[0])
+            yb = _outputs("eval output after step", apply_b(pb, sb, x, False)[0])
+            parts.append(checker.leaves(title, ya, yb, paired=False))
+        report = next((p for p in parts if not p), None) or _merge(title, parts)
+        if (r := done(report, planned[3 + k :])) is not None:
+            return r
+    return EquivalenceReport(tuple(checks), (), tuple(notes))
