@@ -23,6 +23,7 @@ arrays with a warning.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -40,7 +41,9 @@ from normbridge import errors
 from normbridge._optional import require
 from normbridge.adapters.treex import _unpickle as up
 from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
-from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
+from normbridge.adapters.treex.conv import Conv, ConvTranspose
+from normbridge.adapters.treex.dropout import Dropout, KeySeq
+from normbridge.adapters.treex.layers import MLP, Embed, Flatten, Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import Module
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
 
@@ -96,7 +99,25 @@ _LEAVES = {
     "InstanceNorm": ("scale", "bias"),
     "SpectralNorm": ("u", "sigma"),
     "WeightNorm": ("scale",),
+    "Conv": ("kernel", "bias"),
+    "ConvTranspose": ("kernel", "bias"),
+    "Embed": ("embedding",),
+    "KeySeq": ("key",),
 }
+#: Layers rebuilt as ``cls(*positional, **keywords)`` from their pickled static fields.
+_LAYER_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Conv": (("features_out", "kernel_size"), ("strides", "padding", "input_dilation", "kernel_dilation",
+             "feature_group_count", "use_bias", "dtype", "param_dtype", "precision", "kernel_init", "bias_init")),
+    "ConvTranspose": (("features_out", "kernel_size"), ("strides", "padding", "kernel_dilation", "use_bias",
+                      "dtype", "param_dtype", "precision", "kernel_init", "bias_init")),
+    "Embed": (("num_embeddings", "features"), ("dtype", "embedding_init")),
+    "Dropout": (("rate",), ("broadcast_dims",)),
+    "KeySeq": ((), ()),
+    "Flatten": ((), ()),
+    "MLP": (("features",), ("activation", "use_bias", "dtype", "precision", "kernel_init", "bias_init")),
+}  # fmt: skip
+#: Fields a layer may lack in the pickle (flax 0.4.1 versions without them): their defaults apply.
+_OPTIONAL = {"param_dtype"}
 _CLASSES: dict[str, type[Module]] = {
     "BatchNorm": BatchNorm,
     "LayerNorm": LayerNorm,
@@ -108,6 +129,13 @@ _CLASSES: dict[str, type[Module]] = {
     "InstanceNorm": InstanceNorm,
     "SpectralNorm": SpectralNorm,
     "WeightNorm": WeightNorm,
+    "Conv": Conv,
+    "ConvTranspose": ConvTranspose,
+    "Embed": Embed,
+    "Dropout": Dropout,
+    "KeySeq": KeySeq,
+    "Flatten": Flatten,
+    "MLP": MLP,
 }
 
 
@@ -125,6 +153,17 @@ def _value(v: Any, source: str, where: str) -> Any:
         return up.to_jax(v)
     if isinstance(v, up.DTypeSpec):
         raise CheckpointError(f"{source}: {where}: a bare numpy dtype is not a treex field value")
+    if isinstance(v, (up.FunctionStub, up.NamedWrapper)):
+        return up.resolve_function(v, source, where)
+    if isinstance(v, up.PartialSpec):
+        func = _value(v.func, source, f"{where}/func")
+        if not callable(func) or isinstance(func, (up.Ref, up.Inert)):
+            raise CheckpointError(f"{source}: {where}: functools.partial of {func!r}, which has no safe replacement")
+        args = _plain(_value(v.args, source, f"{where}/args"), source, where)
+        kwargs = _plain(_value(v.kwargs, source, f"{where}/kwargs"), source, where)
+        return functools.partial(func, *args, **kwargs)
+    if isinstance(v, (up.Inert, up.InertObject)):
+        raise CheckpointError(f"{source}: {where}: {v!r} is not a treex field value")
     if isinstance(v, list):
         return [_value(x, source, f"{where}/{i}") for i, x in enumerate(v)]
     if isinstance(v, tuple):
@@ -132,6 +171,17 @@ def _value(v: Any, source: str, where: str) -> Any:
     if isinstance(v, dict):
         return {k: _value(x, source, f"{where}/{k}") for k, x in v.items()}
     return v
+
+
+def _plain(v: Any, source: str, where: str) -> Any:
+    """``v`` if it is plain data (numbers, strings, tuples/lists/dicts of them), else a CheckpointError."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x, source, where) for x in v)
+    if isinstance(v, dict):
+        return {k: _plain(x, source, where) for k, x in v.items()}
+    raise CheckpointError(f"{source}: {where}: functools.partial argument {v!r} is not plain data")
 
 
 def _module(p: up.Placeholder, source: str, where: str) -> Module:
@@ -149,7 +199,18 @@ def _module(p: up.Placeholder, source: str, where: str) -> Module:
         return _value(state[field], source, f"{where}/{field}" if where else field)
 
     try:
-        if cls_name in _NORM_STATIC:
+        if cls_name in _LAYER_ARGS:
+            positional, keywords = _LAYER_ARGS[cls_name]
+            kw = {f: get(f) for f in keywords if f in state or f not in _OPTIONAL}
+            module = _CLASSES[cls_name](*(get(f) for f in positional), **kw)
+            if cls_name == "Dropout":
+                key_seq = get("next_key")
+                if not isinstance(key_seq, KeySeq):
+                    raise CheckpointError(f"{label}: `next_key` must be a KeySeq module")
+                module.next_key = key_seq
+            elif cls_name == "MLP":
+                _mlp_children(module, state, get, label)
+        elif cls_name in _NORM_STATIC:
             module = _CLASSES[cls_name](**{f: get(f) for f in _NORM_STATIC[cls_name]})
         elif cls_name == "Linear":
             kernel_init = _value(state.get("kernel_init"), source, "kernel_init")
@@ -199,6 +260,23 @@ def _module(p: up.Placeholder, source: str, where: str) -> Module:
     if isinstance(state.get("name"), str):
         module.name = state["name"]
     return module
+
+
+def _mlp_children(module: MLP, state: dict[str, Any], get: Any, label: str) -> None:
+    """treex's @compact children: ``_subtrees`` names them, each a ``Linear`` node field."""
+    names = state.get("_subtrees")
+    if names is None:
+        return  # not initialized: no children yet
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise CheckpointError(f"{label}: `_subtrees` must be a tuple of field names, got {names!r}")
+    if len(names) != len(list(module.features)):
+        raise CheckpointError(f"{label}: {len(names)} children for features {module.features!r}")
+    for name in names:
+        child = get(name)
+        if not isinstance(child, Linear):
+            raise CheckpointError(f"{label}: child {name!r} must be a Linear, got {type(child).__name__}")
+        module._set_child(name, child)
+    module.__dict__["_subtrees"] = tuple(names)
 
 
 def _from_pickle(data: bytes, source: str) -> Module:
