@@ -435,11 +435,15 @@ FUNCTIONS: dict[str, Any] = {
         f"{mod}.{q}": InitializerMarker(f"{mod}.{q}")
         for mod in ("jax._src.nn.initializers", "jax.nn.initializers")
         for q in (
-            "variance_scaling.<locals>.init", "normal.<locals>.init", "uniform.<locals>.init",
-            "truncated_normal.<locals>.init", "orthogonal.<locals>.init", "constant.<locals>.init",
+            "variance_scaling.<locals>.init",
+            "normal.<locals>.init",
+            "uniform.<locals>.init",
+            "truncated_normal.<locals>.init",
+            "orthogonal.<locals>.init",
+            "constant.<locals>.init",
             "delta_orthogonal.<locals>.init",
         )
-    },  # fmt: skip
+    },
     "flax.linen.initializers.variance_scaling.<locals>.init": InitializerMarker(
         "flax.linen.initializers.variance_scaling.<locals>.init"
     ),

@@ -81,4 +81,3 @@ class Dropout(Module):
             mask = jax.random.bernoulli(param_key(rng, 1), p=keep, shape=tuple(shape))
         mask = jnp.broadcast_to(mask, x.shape)
         return lax.select(mask, x / keep, jnp.zeros_like(x))
-

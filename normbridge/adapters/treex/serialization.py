@@ -40,9 +40,9 @@ import numpy as np
 from normbridge import errors
 from normbridge._optional import require
 from normbridge.adapters.treex import _unpickle as up
-from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
 from normbridge.adapters.treex.conv import Conv, ConvTranspose
 from normbridge.adapters.treex.dropout import Dropout, KeySeq
+from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
 from normbridge.adapters.treex.layers import MLP, Embed, Flatten, Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import Module
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
