@@ -32,13 +32,14 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normbridge.errors import UnsafeCheckpointError
+from normbridge.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 
 class UnsafePickleError(UnsafeCheckpointError, pickle.UnpicklingError):
@@ -596,6 +597,26 @@ _FORBIDDEN_OPS = {"EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEXT_BUFFER", 
 _UNKNOWN = object()
 
 
+def _opcodes(data: bytes, source: str) -> Iterator[tuple[Any, Any, Any]]:
+    """``pickletools.genops``, with a damaged stream reported as :class:`CorruptCheckpointError`.
+
+    Opcodes are yielded as they are read, so a refused GLOBAL before the damage is still
+    reported by name (unsafe wins over corrupt: nothing is built either way).
+    """
+    ops = pickletools.genops(data)
+    while True:
+        try:
+            item = next(ops)
+        except StopIteration:
+            return
+        except Exception as err:  # pickletools raises ValueError, and others on garbage
+            raise CorruptCheckpointError(
+                f"{source}: damaged pickle: expected a complete pickle stream ending with STOP, "
+                f"found {type(err).__name__}: {err} ({len(data)} bytes; truncated?)"
+            ) from err
+        yield item
+
+
 def scan_globals(data: bytes, source: str = "<bytes>") -> list[str]:
     """Every GLOBAL the pickle names, in order; raise :class:`UnsafePickleError` on anything outside the allow-list.
 
@@ -605,11 +626,7 @@ def scan_globals(data: bytes, source: str = "<bytes>") -> list[str]:
     names: list[str] = []
     memo: dict[int, Any] = {}
     last: list[Any] = []  # values pushed by the most recent opcodes (strings or _UNKNOWN)
-    try:
-        ops = list(pickletools.genops(data))
-    except Exception as err:
-        raise UnsafePickleError(f"{source}: not a valid pickle ({err})") from err
-    for op, arg, _pos in ops:
+    for op, arg, _pos in _opcodes(data, source):
         name = op.name
         if name in _FORBIDDEN_OPS:
             raise UnsafePickleError(f"{source}: opcode {name} is not allowed in a treex checkpoint")
@@ -667,4 +684,13 @@ class SafeUnpickler(pickle.Unpickler):
 def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
     """Scan, then unpickle ``data`` with :class:`SafeUnpickler`; returns placeholders, arrays and Refs."""
     scan_globals(data, source)
-    return SafeUnpickler(io.BytesIO(data), source).load()
+    try:
+        return SafeUnpickler(io.BytesIO(data), source).load()
+    except CheckpointError:
+        raise
+    except Exception as err:
+        # The stream parsed; building it failed (a malformed argument, an inconsistent memo...).
+        raise CorruptCheckpointError(
+            f"{source}: damaged pickle: expected the objects of a treex checkpoint, found a stream that "
+            f"fails to unpickle ({type(err).__name__}: {err})"
+        ) from err
