@@ -65,3 +65,28 @@ def test_loaded_modules_types() -> None:
     with pytest.raises(RuntimeError, match="not rebuilt"):
         module.layers[0].kernel_init(jax.random.PRNGKey(0), (3, 3, 1, 8))
     assert fx["saved_flags"]["training"] is module.training
+
+
+@pytest.mark.parametrize("name", ["cnn_mnist_trainsaved", "cnn_mnist_byref_gelu_evalsaved"])
+@pytest.mark.parametrize("backend", ["equinox", "normbridge"])
+def test_cnn_fixture_to_equinox_reproduces_eval_outputs(name: str, backend: str) -> None:
+    """Conv (HWIO → OIHW, bias (out, 1, 1)), BatchNorm, Dropout (inference), relu/gelu, the channels-last
+    global mean pool and Linear, run as Equinox on channels-first examples: treex's eval outputs within 1e-5."""
+    fx = next(f for f in FIXTURES if f["name"] == name)
+    fl = next(f for f in fx["files"] if f["format"] == "cloudpickle")
+    _, d, tol = tf.equinox_model_eval(tx.load(FOLDER / fl["file"]), tf.expected(FOLDER, fx), backend)
+    assert tol == 1e-5 and d.within(tol), d.text()
+
+
+def test_mlp_fixture_to_equinox_reproduces_eval_outputs() -> None:
+    import equinox as eqx
+    import jax
+    import numpy as np
+
+    fx = next(f for f in FIXTURES if f["name"] == "mlp_flatten_ln")
+    exp = tf.expected(FOLDER, fx)
+    model, state = tx.to_equinox(tx.load(FOLDER / "mlp_flatten_ln.cloudpickle.pkl"))
+    assert isinstance(model.layers[1], eqx.nn.Sequential)  # the MLP
+    y, _ = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(exp["x"], state)
+    _, d, tol = tf._case("equinox y_eval", exp["y_eval"], np.asarray(y), 1e-5)
+    assert d.within(tol), d.text()

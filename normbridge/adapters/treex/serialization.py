@@ -226,6 +226,7 @@ def _module(p: up.Placeholder, source: str, where: str) -> Module:
         if cls_name in _LAYER_ARGS:
             positional, keywords = _LAYER_ARGS[cls_name]
             kw = {f: get(f) for f in keywords if f in state or f not in _OPTIONAL}
+            kw = {f: v for f, v in kw.items() if not (f.endswith("_init") and v is None)}  # not saved: default
             module = _CLASSES[cls_name](*(get(f) for f in positional), **kw)
             if cls_name == "Dropout":
                 key_seq = get("next_key")
@@ -486,6 +487,13 @@ class _Obj:
         self.qualname, self.state = qualname, state
 
 
+class _Partial:
+    """``functools.partial(func)`` REDUCE + ``BUILD (func, args, kwargs, None)``, as pickle writes it."""
+
+    def __init__(self, func: Any, args: Any, kwargs: Any) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+
+
 class _Arr:
     def __init__(self, arr: Any) -> None:
         self.array = np.asarray(arr)
@@ -493,6 +501,13 @@ class _Arr:
 
 
 _SAVE_CLASS = {
+    Conv: "treex.nn.conv.Conv",
+    ConvTranspose: "treex.nn.conv.ConvTranspose",
+    Embed: "treex.nn.embed.Embed",
+    Dropout: "treex.nn.dropout.Dropout",
+    KeySeq: "treex.key_seq.KeySeq",
+    Flatten: "treex.nn.flatten.Flatten",
+    MLP: "treex.nn.mlp.MLP",
     BatchNorm: "treex.nn.norm.BatchNorm",
     LayerNorm: "treex.nn.norm.LayerNorm",
     GroupNorm: "treex.nn.norm.GroupNorm",
@@ -527,6 +542,8 @@ def _value_global(v: Any, where: str) -> Any:
             return _Glob(f"jax.nn.{name}")
     if v is jnp.tanh:
         return _Glob("jax.numpy.tanh")
+    if v is jnp.mean:
+        return _Glob("jax._src.numpy.reductions.mean")
     raise CheckpointError(
         f"treex.save: {where}: {v!r} cannot be saved by name in a safe pickle (only kinds, float dtypes, "
         "zeros/ones initializers and jax.nn activations); use format='msgpack' or 'npz' for the leaves"
@@ -549,15 +566,15 @@ def _plan(v: Any, where: str) -> Any:
             raise CheckpointError(f"treex.save: {where}: {type(v).__name__} has no treex class to pickle as")
         state: dict[str, Any] = {}
         for k, x in vars(v).items():
-            if k in ("_mutable", "_factory_fields", "_default_field_values", "_subtrees"):
+            if k in ("_mutable", "_factory_fields", "_default_field_values", "_field_metadata"):
                 continue
-            if k == "_field_metadata":
-                continue
-            if k == "kernel_init" and isinstance(v, Linear):
+            if k == "_subtrees" and not isinstance(v, MLP):
+                continue  # treeo's own bookkeeping; an MLP's names its @compact children (treex's layout)
+            if k.endswith("_init") and not isinstance(v, (BatchNorm, LayerNorm, GroupNorm, RMSNorm, InstanceNorm)):
                 try:
                     state[k] = _plan(x, f"{where}/{k}")
                 except CheckpointError:
-                    state[k] = None  # re-initialization only; the loader falls back to lecun_normal
+                    state[k] = None  # re-initialization only; the loader falls back to the layer's default
                 continue
             state[k] = _plan(x, f"{where}/{k}")
         meta = {}
@@ -579,6 +596,10 @@ def _plan(v: Any, where: str) -> Any:
         return {k: _plan(x, f"{where}/{k}") for k, x in v.items()}
     if v is None or isinstance(v, (bool, int, float, str, bytes)):
         return v
+    if isinstance(v, functools.partial):
+        if v.__dict__:
+            raise CheckpointError(f"treex.save: {where}: a functools.partial with attributes cannot be saved")
+        return _Partial(_value_global(v.func, f"{where}/func"), _plan(v.args, where), _plan(dict(v.keywords), where))
     return _value_global(v, where)
 
 
@@ -593,6 +614,12 @@ class _TreexPickler(pickle._Pickler):  # the pure-Python pickler lets ``save`` b
             self.save(obj[1])
             self.save(obj[2])
             self.write(pickle.REDUCE)
+        elif isinstance(obj, _Partial):
+            self.save(_Glob("functools.partial"))
+            self.save((obj.func,))
+            self.write(pickle.REDUCE)
+            self.save((obj.func, obj.args, obj.kwargs, None))
+            self.write(pickle.BUILD)
         elif isinstance(obj, _Obj):
             self.save(_Glob(obj.qualname))
             self.write(pickle.EMPTY_TUPLE + pickle.NEWOBJ)
