@@ -90,3 +90,16 @@ def test_mlp_fixture_to_equinox_reproduces_eval_outputs() -> None:
     y, _ = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(exp["x"], state)
     _, d, tol = tf._case("equinox y_eval", exp["y_eval"], np.asarray(y), 1e-5)
     assert d.within(tol), d.text()
+
+
+def test_static_fields_and_defaults_are_real_treex(treex_model_fixtures: pathlib.Path) -> None:
+    """Loaded (pickles) and freshly built modules have real treex's static fields (configuration, defaults)."""
+    from normbridge.conformance import treex as tc
+
+    for fx in FIXTURES:
+        exp = tf.expected(FOLDER, fx)
+        fresh = tf.build_model(fx).init(tf.init_seed(fx), exp["x"])
+        assert tc._static_problems(fx["module_tree"], fresh) == [], fx["name"]
+        for fl in fx["files"]:
+            if fl["format"] in tf.PICKLE_FORMATS:
+                assert tc._static_problems(fx["module_tree"], tx.load(FOLDER / fl["file"])) == [], fl["file"]

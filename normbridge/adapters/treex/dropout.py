@@ -1,6 +1,6 @@
 """treex 0.6.12's ``KeySeq`` and ``Dropout`` (flax 0.4.1 ``Dropout`` with treex's stored key).
 
-* ``KeySeq(key=None)``: a module with one ``Rng`` leaf ``key`` (a raw ``uint32[2]`` threefry key;
+* ``KeySeq(key=None, *, axis_name=None)``: a module with one ``Rng`` leaf ``key`` (a raw ``uint32[2]`` threefry key;
   an int seed becomes ``PRNGKey(seed)``). Without a key, ``init`` gives it one (``next_key()``,
   before the forward pass, in leaf order, as treex's ``Initializer``). ``seq()`` returns
   ``k`` and stores ``k'`` where ``k, k' = split(key)``.
@@ -31,8 +31,9 @@ class KeySeq(Module):
 
     key: jax.Array | None = Rng.node()
 
-    def __init__(self, key: jax.Array | int | None = None) -> None:
+    def __init__(self, key: jax.Array | int | None = None, *, axis_name: str | None = None) -> None:
         self._set_name()
+        self.axis_name = axis_name
         if isinstance(key, int):
             key = jax.random.PRNGKey(key)
         elif key is not None and not isinstance(key, (jax.Array, np.ndarray)):
@@ -43,12 +44,19 @@ class KeySeq(Module):
         if self.key is None:
             self.key = next_key()
 
-    def __call__(self) -> jax.Array:
-        """A new key; the stored key advances (``key, self.key = split(self.key)``)."""
+    def __call__(self, *, axis_name: str | None = None) -> jax.Array:
+        """A new key; the stored key advances (``key, self.key = split(self.key)``).
+
+        With an ``axis_name`` (the call's, else the field's), the key is folded with
+        ``lax.axis_index(axis_name)`` so that every device of a ``pmap`` draws its own.
+        """
         if self.key is None:
             raise RuntimeError("KeySeq: `key` is None; call `.init(key, inputs)` first (or pass a key)")
         with jax.threefry_partitionable(False):
             key, self.key = jax.random.split(self.key)
+            axis_name = self.axis_name if axis_name is None else axis_name
+            if axis_name is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         return key
 
 

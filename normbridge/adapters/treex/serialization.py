@@ -134,12 +134,12 @@ _LAYER_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                       "dtype", "param_dtype", "precision", "kernel_init", "bias_init")),
     "Embed": (("num_embeddings", "features"), ("dtype", "embedding_init")),
     "Dropout": (("rate",), ("broadcast_dims",)),
-    "KeySeq": ((), ()),
+    "KeySeq": ((), ("axis_name",)),
     "Flatten": ((), ()),
     "MLP": (("features",), ("activation", "use_bias", "dtype", "precision", "kernel_init", "bias_init")),
 }  # fmt: skip
 #: Fields a layer may lack in the pickle (flax 0.4.1 versions without them): their defaults apply.
-_OPTIONAL = {"param_dtype"}
+_OPTIONAL = {"param_dtype", "axis_name"}
 _CLASSES: dict[str, type[Module]] = {
     "BatchNorm": BatchNorm,
     "LayerNorm": LayerNorm,
