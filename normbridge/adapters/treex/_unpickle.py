@@ -205,6 +205,23 @@ def _weak(x: jax.Array) -> jax.Array:
         return x
 
 
+_OBJECT = Ref("builtins.object")
+
+
+def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Placeholder:
+    """Protocols 0/1: ``copyreg._reconstructor(cls, object, None)`` builds an instance of an allowed class."""
+    if not (isinstance(cls, type) and issubclass(cls, Placeholder)) or base is not _OBJECT or state is not None:
+        raise UnsafePickleError("copyreg._reconstructor: only (allowed treex class, object, None) is allowed")
+    return cls()
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """Protocols 0-2 write ``bytes`` as ``_codecs.encode(str, 'latin1')``: only that, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("_codecs.encode: only (str, 'latin1') is allowed")
+    return text.encode("latin1")
+
+
 def _safe_type(obj: Any) -> type:
     if obj is not None:
         raise UnsafePickleError("builtins.type may only be called as type(None)")
@@ -535,6 +552,12 @@ ALLOWED: dict[str, Any] = {
     **PLACEHOLDERS,
     **{name: Ref(name) for name in _REFS},
     "builtins.type": _safe_type,
+    # Protocols 0-2 (Python 2 names as written, and the Python 3 ones).
+    "copyreg._reconstructor": _copyreg_reconstructor,
+    "copy_reg._reconstructor": _copyreg_reconstructor,
+    "builtins.object": _OBJECT,
+    "__builtin__.object": _OBJECT,
+    "_codecs.encode": _codecs_encode,
     "numpy.ndarray": _NDARRAY,
     "numpy.dtype": DTypeSpec,
     "numpy.core.multiarray._reconstruct": _np_reconstruct,

@@ -163,6 +163,7 @@ def test_every_fixture_global_is_allowed_and_nothing_else_new(
         + r")$|^jax\._src\.nn\.initializers\.(zeros|ones)$|^jax\.numpy\.bfloat16$|^numpy\._core\."
         r"|^jax\._src\.device_array\.|^normbridge\.adapters\.treex\.|^treex\.nn\.(batch_norm|layer_norm|group_norm)\."
         r"|^treex\.types\.(Cache|ModelState|OptState|State|TreePart)$"
+        r"|^(copyreg|copy_reg)\._reconstructor$|^(builtins|__builtin__)\.object$|^_codecs\.encode$"  # protocols 0-2
     )  # fmt: skip
     extra = {n for n in set(up.ALLOWED) - needed if not aliases.match(n)}
     assert extra == {"treex.nn.conv.ConvTranspose", "treex.nn.embed.Embed"}
@@ -258,3 +259,71 @@ def test_older_jax_encodings_load(rename: dict[str, str]) -> None:
     for a, b in zip(jax.tree_util.tree_leaves(model), jax.tree_util.tree_leaves(loaded)):
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
     np.testing.assert_array_equal(model.copy()(x), loaded(x))
+
+
+def _fake_treex_keyseq(monkeypatch: pytest.MonkeyPatch):
+    """A plain class pickled by reference as ``treex.key_seq.KeySeq`` (how real treex objects pickle)."""
+    import sys
+    import types
+
+    for name in ("treex", "treex.key_seq"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+
+    class KeySeq:
+        pass
+
+    KeySeq.__module__, KeySeq.__qualname__ = "treex.key_seq", "KeySeq"
+    sys.modules["treex.key_seq"].KeySeq = KeySeq
+    obj = KeySeq()
+    obj.__dict__.update(key=np.array([7, 9], np.uint32), name="key_seq", _training=True, _frozen=False,
+                        _initialized=True, axis_name=None)  # fmt: skip
+    return obj
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_treex_object_pickled_with_every_protocol_loads(monkeypatch: pytest.MonkeyPatch, protocol: int) -> None:
+    """Protocols 0-1 (no header; copyreg._reconstructor, _codecs.encode for bytes) to 5 all load (issue 11 #6)."""
+    import sys
+
+    data = pickle.dumps(_fake_treex_keyseq(monkeypatch), protocol=protocol)
+    for name in ("treex", "treex.key_seq"):
+        monkeypatch.delitem(sys.modules, name)
+    loaded = tx.load(io.BytesIO(data))
+    assert isinstance(loaded, tx.KeySeq) and loaded.key.dtype == np.uint32
+    np.testing.assert_array_equal(loaded.key, [7, 9])
+
+
+@pytest.mark.parametrize(
+    ("ops", "match"),
+    [
+        (
+            pickle.GLOBAL
+            + b"copy_reg\n_reconstructor\n"
+            + pickle.MARK
+            + pickle.GLOBAL
+            + b"jax.nn\nrelu\n"
+            + pickle.GLOBAL
+            + b"__builtin__\nobject\n"
+            + pickle.NONE
+            + pickle.TUPLE
+            + pickle.REDUCE,
+            "only \\(allowed treex class, object, None\\)",
+        ),
+        (
+            pickle.GLOBAL
+            + b"_codecs\nencode\n"
+            + pickle.MARK
+            + pickle.UNICODE
+            + b"x\n"
+            + pickle.UNICODE
+            + b"rot13\n"
+            + pickle.TUPLE
+            + pickle.REDUCE,
+            "only \\(str, 'latin1'\\)",
+        ),
+    ],
+    ids=["reconstructor_of_a_function", "codecs_other_encoding"],
+)
+def test_protocol_0_helpers_refuse_hostile_arguments(ops: bytes, match: str) -> None:
+    with pytest.raises(tx.UnsafePickleError, match=match):
+        tx.load(io.BytesIO(ops + pickle.STOP))
