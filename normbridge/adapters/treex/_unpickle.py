@@ -680,7 +680,21 @@ def scan_globals(data: bytes, source: str = "<bytes>") -> list[str]:
     return names
 
 
+#: treex classes that exist but cannot be rebuilt from a pickle without running code: why, and what to do.
+UNSUPPORTED_TREEX = {
+    "treex.nn.flax_module.FlaxModule": "wraps an arbitrary flax.linen module, which only its code can rebuild",
+    "treex.nn.haiku_module.HaikuModule": "wraps a haiku transform, which only its code can rebuild",
+    "treex.nn.recurrent.GRU": "is not reproduced by the facade (not exported by treex.nn; no fixture)",
+}
+
+
 def _check(qual: str, source: str) -> None:
+    if qual in UNSUPPORTED_TREEX:
+        raise UnsafePickleError(
+            f"{source}: refused pickle GLOBAL {qual!r}: treex's {qual.rsplit('.', 1)[-1]} {UNSUPPORTED_TREEX[qual]}; "
+            "nothing was loaded. Load the model's leaves from its msgpack/npz state (a nested dict without "
+            "template=), or into a facade module you build (template=)"
+        )
     if qual not in ALLOWED:
         raise UnsafePickleError(
             f"{source}: refused pickle GLOBAL {qual!r}: not on the treex allow-list "

@@ -327,3 +327,12 @@ def test_treex_object_pickled_with_every_protocol_loads(monkeypatch: pytest.Monk
 def test_protocol_0_helpers_refuse_hostile_arguments(ops: bytes, match: str) -> None:
     with pytest.raises(tx.UnsafePickleError, match=match):
         tx.load(io.BytesIO(ops + pickle.STOP))
+
+
+@pytest.mark.parametrize("qual", ["treex.nn.flax_module.FlaxModule", "treex.nn.recurrent.GRU"])
+def test_unrebuildable_treex_classes_refused_with_the_reason(qual: str) -> None:
+    mod, _, name = qual.rpartition(".")
+    data = pickle.PROTO + b"\x04" + pickle.GLOBAL + f"{mod}\n{name}\n".encode() + pickle.EMPTY_TUPLE
+    data += pickle.NEWOBJ + pickle.STOP
+    with pytest.raises(tx.UnsafePickleError, match=rf"GLOBAL '{qual}'.*(only its code can rebuild|not reproduced)"):
+        tx.load(io.BytesIO(data))
