@@ -7,6 +7,11 @@ are the ground truth. Each function here loads a fixture through
 recorded outputs and statistics; ``tests/conformance/test_treex_fixtures.py``
 asserts on every one, ``normbridge.conformance.treex.rows`` summarizes them.
 
+The whole-model fixtures (``fixtures_dir(name="treex-models")``: CNNs with Conv/BatchNorm/Dropout,
+MLPs; the same formats, saved in training and eval mode) are measured by :func:`reproduce_model`,
+:func:`reproduce_model_init`, :func:`state_problems` and :func:`equinox_model_eval`, on models loaded by
+:func:`load_model_file` (leaves-only formats through :func:`model_template`).
+
 Tolerances (from the issue): float32 within 1e-6 relative to max |expected|,
 float16 within 1e-3; saved leaves and freshly initialized leaves bitwise.
 """

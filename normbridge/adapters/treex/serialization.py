@@ -166,7 +166,13 @@ def _value(v: Any, source: str, where: str) -> Any:
     if isinstance(v, up.Placeholder):
         return _module(v, source, where)
     if isinstance(v, up.Ref):
-        return up.resolve_ref(v)
+        resolved = up.resolve_ref(v)
+        if isinstance(resolved, up.Inert):  # a name only a by-value function's globals may mention
+            raise CorruptCheckpointError(
+                f"{source}: {where}: expected a treex field value, found the GLOBAL {v.name} "
+                "(allowed only inside a function stored by value)"
+            )
+        return resolved
     if isinstance(v, up.ArraySpec):
         if v.array is None:
             raise CorruptCheckpointError(f"{source}: {where}: array without data")

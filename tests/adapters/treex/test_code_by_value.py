@@ -311,3 +311,16 @@ def test_manifest_lists_what_the_loader_reads() -> None:
                 found = up.scan_globals((FOLDER / fl["file"]).read_bytes(), fl["file"])
                 assert set(found) == set(fl["pickle_globals"]), fl["file"]
     assert json  # (manifest read through tf)
+
+
+def test_internal_name_as_a_field_value_is_refused(tmp_path: pathlib.Path) -> None:
+    """A jax-internal GLOBAL (allowed only as a by-value function's global) used as a Lambda's f is refused."""
+    from normbridge.adapters.treex import serialization as ser
+
+    lam = tx.Lambda(jax.nn.relu)
+    plan = ser._plan(lam, "")
+    plan.state["f"] = ser._Glob("jax._src.pjit._python_pjit_helper")
+    buf = io.BytesIO()
+    ser._TreexPickler(buf, protocol=4).dump(plan)
+    with pytest.raises(errors.CorruptCheckpointError, match=r"f: expected a treex field value.*_python_pjit_helper"):
+        tx.load(io.BytesIO(buf.getvalue()))
