@@ -22,6 +22,15 @@ Two layers of defence:
    * kinds, initializers, dtypes, activations and ``builtins.str`` → non-callable
      :class:`Ref` tokens, resolved after loading from a fixed table.
 
+   * cloudpickle's code-by-value machinery (``_builtin_type``, ``_make_function``,
+     ``_make_cell``, ``subimport``, ``_function_setstate``) and jax's ``custom_jvp`` /
+     ``PjitFunction`` → inert records that drop code, globals and closures and keep only the
+     recorded ``__module__``/``__qualname__``, resolved afterwards through :data:`FUNCTIONS`
+     (activations → ``jax.nn``; initializers → :class:`InitializerMarker`); an unknown function
+     is refused by name (:func:`resolve_function`);
+   * protocol 0-2 helpers (``copyreg._reconstructor``, ``_codecs.encode``) → functions that accept
+     exactly the arguments pickle writes for a treex object / for bytes.
+
    So ``REDUCE`` can only reach the vetted functions above; every other callable
    raises. Placeholders are turned into facade modules afterwards by
    :mod:`normbridge.adapters.treex.serialization`, through the public constructors.

@@ -440,11 +440,14 @@ def _no_leaves(value: Any) -> bool:
 def load(path_or_file: PathOrFile, template: Module | None = None, *, format: Format | None = None) -> Any:
     """Load a treex checkpoint as facade modules, executing nothing from the file.
 
-    * pickle / cloudpickle: returns the module (``Sequential``, ``Linear``,
-      ``Lambda``, ``BatchNorm``, ``LayerNorm``, ``GroupNorm``) with its saved
-      configuration, leaves and ``training``/``frozen``/``initialized`` flags. A
-      pickle naming any GLOBAL outside the allow-list raises
-      :class:`UnsafePickleError` naming it and the file, before anything is built.
+    * pickle (protocols 0-5) / cloudpickle (also with functions stored by value): returns
+      the module (``Sequential``, ``Linear``, ``Lambda``, ``Conv``, ``ConvTranspose``,
+      ``Embed``, ``Dropout``/``KeySeq``, ``Flatten``, ``MLP``, the norm layers) with its
+      saved configuration, leaves and ``training``/``frozen``/``initialized`` flags. A
+      pickle naming any GLOBAL outside the allow-list, or a function outside the table,
+      raises :class:`UnsafePickleError` naming it and the file; nothing from the file runs.
+      A damaged file raises ``CorruptCheckpointError``, a template mismatch
+      ``CheckpointMismatchError`` (all ``normbridge.errors.CheckpointError``).
       With ``template``, the loaded leaves must also match the template's layout.
     * msgpack / npz: with ``template``, a copy of it with every leaf replaced
       (paths, shapes and dtypes checked, flags and configuration from the
