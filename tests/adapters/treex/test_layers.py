@@ -186,3 +186,40 @@ def test_new_layers_save_and_load_round_trip(tmp_path) -> None:
         path = tmp_path / f"m.{fmt}"
         tx.save(model, path, format=fmt)
         np.testing.assert_array_equal(tx.load(path, template=model).eval()(x), model.eval()(x))
+
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+
+@st.composite
+def _conv_configs(draw):
+    n = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    cin = groups * draw(st.integers(1, 2))
+    features = groups * draw(st.integers(1, 3))
+    kernel = [draw(st.integers(1, 3)) for _ in range(n)]
+    strides = draw(st.one_of(st.none(), st.integers(1, 2), st.lists(st.integers(1, 2), min_size=n, max_size=n)))
+    dilation = draw(st.one_of(st.none(), st.lists(st.integers(1, 2), min_size=n, max_size=n)))
+    pairs = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=n, max_size=n)
+    padding = draw(st.one_of(st.sampled_from(["SAME", "VALID", "CIRCULAR"]), pairs))
+    spatial = [draw(st.integers(4, 7)) for _ in range(n)]
+    cfg = dict(features_out=features, kernel_size=kernel, strides=strides, kernel_dilation=dilation,
+               padding=padding, feature_group_count=groups, use_bias=draw(st.booleans()))  # fmt: skip
+    return cfg, (2, *spatial, cin), draw(st.integers(0, 2**16))
+
+
+@given(_conv_configs())
+def test_conv_property_matches_flax(case) -> None:
+    """Any rank, strides, dilation, groups and padding form: init and outputs bitwise equal to flax.linen.Conv."""
+    cfg, shape, seed = case
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    layer = tx.Conv(**cfg).init(seed, x)
+    flax_cfg = {k: v for k, v in cfg.items() if k != "features_out"}
+    native = nn.Conv(cfg["features_out"], **flax_cfg)
+    params = _flax_init(native, seed, x)
+    np.testing.assert_array_equal(layer.kernel, params["kernel"])
+    np.testing.assert_array_equal(layer(x), native.apply({"params": params}, x))
