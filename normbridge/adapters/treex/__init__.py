@@ -16,7 +16,7 @@ loaded model to Equinox.
 from normbridge.adapters.treex.conv import Conv, ConvTranspose
 from normbridge.adapters.treex.dropout import Dropout, KeySeq
 from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
-from normbridge.adapters.treex.layers import MLP, Embed, Flatten, Lambda, Linear, Sequential
+from normbridge.adapters.treex.layers import MLP, Embed, Flatten, Lambda, Linear, Sequential, sequence
 from normbridge.adapters.treex.module import (
     BatchStat,
     Cache,
@@ -65,6 +65,7 @@ __all__ = [
     "from_canonical",
     "load",
     "save",
+    "sequence",
     "state_dict",
     "to_canonical",
     "to_equinox",

@@ -28,7 +28,7 @@ from jax import lax
 
 from normbridge.adapters.treex.module import Module, Parameter, initializing, next_key, param_key, to
 
-__all__ = ["MLP", "Embed", "Flatten", "Lambda", "Linear", "Sequential"]
+__all__ = ["MLP", "Embed", "Flatten", "Lambda", "Linear", "Sequential", "sequence"]
 
 #: flax's ``default_kernel_init``.
 _LECUN_NORMAL = jax.nn.initializers.lecun_normal()
@@ -96,6 +96,17 @@ class Lambda(Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.f(x)
+
+
+def sequence(*layers: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """treex ``sequence``: a plain function applying ``layers`` in order (for use inside a module's ``__call__``)."""
+
+    def _sequence(x: Any) -> Any:
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return _sequence
 
 
 class Sequential(Module):

@@ -223,3 +223,9 @@ def test_conv_property_matches_flax(case) -> None:
     params = _flax_init(native, seed, x)
     np.testing.assert_array_equal(layer.kernel, params["kernel"])
     np.testing.assert_array_equal(layer(x), native.apply({"params": params}, x))
+
+
+def test_sequence_composes_callables() -> None:
+    x = RNG.normal(size=(2, 3)).astype(np.float32)
+    lin = tx.Linear(4).init(0, x)
+    np.testing.assert_array_equal(tx.sequence(lin, jax.nn.relu)(x), jax.nn.relu(lin(x)))
