@@ -681,6 +681,11 @@ def scan_globals(data: bytes, source: str = "<bytes>") -> list[str]:
         elif name == "MEMOIZE":
             memo[len(memo)] = last[-1] if last else _UNKNOWN
         elif name in _PUT_OPS:
+            if not 0 <= arg <= len(data):
+                # The C unpickler grows its memo array to the index: a huge index is a memory bomb.
+                raise CorruptCheckpointError(
+                    f"{source}: damaged pickle: memo index {arg} of {name} exceeds what {len(data)} bytes can hold"
+                )
             memo[arg] = last[-1] if last else _UNKNOWN
         elif name not in _NEUTRAL_OPS:
             last.append(_UNKNOWN)
@@ -732,8 +737,11 @@ def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
     scan_globals(data, source)
     try:
         return SafeUnpickler(io.BytesIO(data), source).load()
-    except CheckpointError:
-        raise
+    except CheckpointError as err:
+        if source in str(err):
+            raise
+        # The replacements above do not know the file: name it, keep the class (unsafe stays unsafe).
+        raise type(err)(f"{source}: {err}") from err
     except Exception as err:
         # The stream parsed; building it failed (a malformed argument, an inconsistent memo...).
         raise CorruptCheckpointError(

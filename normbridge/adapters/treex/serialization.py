@@ -30,7 +30,6 @@ import pickle
 import pickletools
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Mapping
 from typing import IO, Any, Literal
 
@@ -338,7 +337,12 @@ def _msgpack_unpack(data: bytes, source: str) -> Any:
                         f"{source}: msgpack bfloat16 array of {len(raw)} bytes for shape {shape}"
                     )
                 return np.frombuffer(raw, dtype=jnp.bfloat16).reshape(shape).copy()
-            return up._array_from_bytes(raw, up.DTypeSpec(name), shape, "C", f"{source}: msgpack array")
+            try:
+                return up._array_from_bytes(raw, up.DTypeSpec(name), shape, "C", f"{source}: msgpack array")
+            except up.UnsafePickleError as err:  # the shared array checks speak of pickles; this is a damaged map
+                raise CorruptCheckpointError(
+                    f"{source}: damaged msgpack array: expected (shape, numeric dtype name, raw bytes), found {err}"
+                ) from err
         if code == 2:
             re, im = msgpack.unpackb(payload)
             return complex(re, im)
@@ -356,8 +360,10 @@ def _npz_unpack(data: bytes, source: str) -> dict[str, Any]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             flat = {k: z[k] for k in z.files}
-    except (ValueError, zipfile.BadZipFile) as err:
-        raise CorruptCheckpointError(f"{source}: not a numpy npz of arrays ({err})") from err
+    except Exception as err:  # zipfile/zlib/numpy raise many types on a damaged archive
+        raise CorruptCheckpointError(
+            f"{source}: damaged npz: expected a zip of numpy arrays, found {type(err).__name__}: {err}"
+        ) from err
     nested: dict[str, Any] = {}
     for key, arr in flat.items():
         parts = key.split("/")

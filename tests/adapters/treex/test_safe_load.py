@@ -336,3 +336,50 @@ def test_unrebuildable_treex_classes_refused_with_the_reason(qual: str) -> None:
     data += pickle.NEWOBJ + pickle.STOP
     with pytest.raises(tx.UnsafePickleError, match=rf"GLOBAL '{qual}'.*(only its code can rebuild|not reproduced)"):
         tx.load(io.BytesIO(data))
+
+
+def test_huge_memo_index_refused_before_unpickling(spy_unpickler: list[str]) -> None:
+    """``LONG_BINPUT 2**31-1`` would make the C unpickler allocate a 16 GB memo: refused by the pre-scan."""
+    from normbridge import errors
+
+    data = pickle.PROTO + b"\x04" + pickle.NONE + pickle.LONG_BINPUT + (2**31 - 1).to_bytes(4, "little") + pickle.STOP
+    with pytest.raises(errors.CorruptCheckpointError, match="memo index 2147483647"):
+        tx.load(io.BytesIO(data))
+    assert spy_unpickler == []
+
+
+_FUZZ_FILES = ["batchnorm_default.pickle.pkl", "batchnorm_default.state.msgpack", "batchnorm_default.state.npz"]
+
+
+@pytest.mark.parametrize("name", [*_FUZZ_FILES, "models:mlp_flatten_ln.cloudpickle.pkl"])
+def test_damaged_files_give_only_normbridge_errors_naming_the_file(
+    name: str, treex_fixtures: pathlib.Path, treex_model_fixtures: pathlib.Path
+) -> None:
+    """Truncations and bit flips of real files: loaded, or a normbridge CheckpointError naming the file."""
+    import random
+    import warnings
+
+    from normbridge import errors
+
+    folder = treex_model_fixtures if name.startswith("models:") else treex_fixtures
+    data = (folder / name.removeprefix("models:")).read_bytes()
+    rng = random.Random(name)
+    for trial in range(40):
+        if trial % 4 == 0:
+            damaged = data[: rng.randrange(len(data))]
+        else:
+            buf = bytearray(data)
+            for _ in range(1 + trial % 3):
+                buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+            damaged = bytes(buf)
+        f = io.BytesIO(damaged)
+        f.name = f"damaged-{trial}-{name}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                tx.load(f)
+        except errors.CheckpointError as err:
+            assert f.name in str(err)
+        if trial % 4 == 0 and name.endswith(".pkl"):
+            with pytest.raises(errors.CorruptCheckpointError, match="damaged pickle"):
+                tx.load(io.BytesIO(damaged), format="pickle")
