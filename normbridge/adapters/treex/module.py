@@ -23,6 +23,7 @@ object graph directly; the pytree registration and field metadata are treeo's.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ __all__ = [
     "TreePart",
     "initializing",
     "next_key",
+    "param_key",
 ]
 
 
@@ -110,11 +112,26 @@ def initializing() -> bool:
 
 
 def next_key() -> jax.Array:
-    """A fresh key split from the ``init`` key (treex ``next_key``)."""
+    """A fresh key from the ``init`` key, as treex's ``next_key``: ``key, carry = split(carry)``.
+
+    Every treex layer asks for one key at init and hands it to its flax 0.4.1 module as the
+    ``params`` rng; :func:`param_key` derives each parameter's key from it as flax did.
+    """
     if _INIT.key is None:
         raise RuntimeError("treex: RNG key not set; leaves are only created inside `Module.init(key, inputs)`")
-    _INIT.key, key = jax.random.split(_INIT.key)
+    key, _INIT.key = jax.random.split(_INIT.key)
     return key
+
+
+def _fold_in_static(key: jax.Array, data: int) -> jax.Array:
+    """flax's ``LazyRng`` fold-in of one int (``sha1`` of its big-endian bytes, first 4 bytes as uint32)."""
+    digest = hashlib.sha1(data.to_bytes((data.bit_length() + 7) // 8, byteorder="big")).digest()
+    return jax.random.fold_in(key, jnp.uint32(int.from_bytes(digest[:4], byteorder="big")))
+
+
+def param_key(layer_key: jax.Array, index: int) -> jax.Array:
+    """The key flax 0.4.1 gave the ``index``-th parameter (1-based) of a root module initialized with ``layer_key``."""
+    return _fold_in_static(layer_key, index)
 
 
 def _as_key(key: int | jax.Array) -> jax.Array:
@@ -125,7 +142,7 @@ def _as_key(key: int | jax.Array) -> jax.Array:
 
 def _snake(name: str) -> str:
     """``BatchNorm`` → ``batch_norm`` (treex's default module names)."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
 # ------------------------------------------------------------------- graph walk
@@ -142,6 +159,21 @@ def _map_modules(obj: Any, fn: Callable[[Module], None]) -> None:
     elif isinstance(obj, dict):
         for v in obj.values():
             _map_modules(v, fn)
+
+
+def _walk_tree_order(obj: Any, fn: Callable[[Module], None]) -> None:
+    """Call ``fn`` on every Module in pytree leaf order (node fields sorted by name, as jax flattens dicts)."""
+    if isinstance(obj, Module):
+        fn(obj)
+        for field in sorted(vars(obj)):
+            if field != "_field_metadata" and obj._is_node(field):
+                _walk_tree_order(vars(obj)[field], fn)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _walk_tree_order(v, fn)
+    elif isinstance(obj, dict):
+        for k in sorted(obj):
+            _walk_tree_order(obj[k], fn)
 
 
 def _copy(obj: Any) -> Any:
@@ -161,19 +193,68 @@ def _copy(obj: Any) -> Any:
     return obj
 
 
-def _filter_value(value: Any, kind: type, keep: Callable[[type], bool]) -> Any:
-    """Replace every leaf of ``value`` (a field of kind ``kind``) by ``treeo.NOTHING`` unless kept."""
+def _filter_value(value: Any, field: str, kind: type, owner: Module, keep: Callable[[Any], bool]) -> Any:
+    """Replace every leaf of ``value`` (field ``field`` of kind ``kind`` of ``owner``) by ``treeo.NOTHING``
+    unless ``keep(FieldInfo(field, leaf, kind, owner))``: what ``treeo.filter`` does, leaf by leaf."""
     if isinstance(value, Module):
         return value._filtered(keep)
     if isinstance(value, list):
-        return [_filter_value(v, kind, keep) for v in value]
+        return [_filter_value(v, field, kind, owner, keep) for v in value]
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_filter_value(v, kind, keep) for v in value)
+        return tuple(_filter_value(v, field, kind, owner, keep) for v in value)
     if isinstance(value, dict):
-        return {k: _filter_value(v, kind, keep) for k, v in value.items()}
-    if value is None:
-        return None  # an empty pytree: nothing to filter
-    return value if keep(kind) else to.NOTHING
+        return {k: _filter_value(v, field, kind, owner, keep) for k, v in value.items()}
+    if value is None or isinstance(value, to.Nothing):
+        return value  # an empty pytree (None) or an already filtered-out leaf: no leaf to test
+    return value if keep(to.FieldInfo(name=field, value=value, kind=kind, module=owner)) else to.NOTHING
+
+
+def _kind_filter(t: type) -> Callable[[Any], bool]:
+    """treeo's ``_get_kind_filter``: the leaf's field kind is a subclass of ``t``."""
+
+    def keep(info: Any) -> bool:
+        return info.kind is not None and issubclass(info.kind, t)
+
+    return keep
+
+
+def _merge_values(values: list[Any], ignore_static: bool, where: str) -> Any:
+    """treeo ``merge`` (``FlattenMode.all_fields``): per leaf, the last value that is not ``NOTHING``."""
+    first = values[0]
+    if isinstance(first, Module):
+        if not all(type(v) is type(first) for v in values):
+            raise ValueError(f"merge: {where or '<root>'}: module types differ: {[type(v).__name__ for v in values]}")
+        new = object.__new__(type(first))
+        keys = list(vars(first))
+        for v in values[1:]:
+            if set(vars(v)) != set(keys):
+                raise ValueError(f"merge: {where or '<root>'}: fields differ")
+        for field in keys:
+            if field == "_field_metadata":
+                new.__dict__[field] = dict(first._field_metadata)
+            elif first._is_node(field):
+                new.__dict__[field] = _merge_values([vars(v)[field] for v in values], ignore_static, f"{where}/{field}")
+            else:
+                # treeo flattens static fields as leaves too (FlattenMode.all_fields): the last tree's win.
+                new.__dict__[field] = _copy(vars(values[-1])[field])
+        return new
+    if isinstance(first, (list, tuple)) and not hasattr(first, "_fields"):
+        if not all(isinstance(v, (list, tuple)) and len(v) == len(first) for v in values):
+            raise ValueError(f"merge: {where or '<root>'}: structures differ")
+        merged = [_merge_values([v[i] for v in values], ignore_static, f"{where}/{i}") for i in range(len(first))]
+        return type(first)(merged)
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in values):
+            raise ValueError(f"merge: {where or '<root>'}: structures differ")
+        return {k: _merge_values([v[k] for v in values], ignore_static, f"{where}/{k}") for k in first}
+    if first is None:
+        if any(v is not None for v in values):
+            raise ValueError(f"merge: {where or '<root>'}: structures differ (None vs a leaf)")
+        return None
+    for v in reversed(values):
+        if not isinstance(v, to.Nothing):
+            return v
+    return to.NOTHING
 
 
 # ----------------------------------------------------------------------- Module
@@ -271,14 +352,17 @@ class Module(to.Tree):
         second item is a dict. Returns a copy unless ``inplace``.
         """
         module = self if inplace else self.copy()
-        with _init_context(_as_key(key)):
+        # treex ran on jax 0.4's non-partitionable threefry; the same key gives the same numbers only there.
+        with jax.threefry_partitionable(False), _init_context(_as_key(key)):
+            # treex first gives every key-only leaf (a KeySeq's ``Initializer``) a key, in leaf order,
+            # then runs the forward pass, in which each layer takes one key for its parameters.
+            _walk_tree_order(module, lambda m: m.rng_init())
             if inputs is not to.MISSING:
                 if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
                     args, kwargs = inputs
                 else:
                     args, kwargs = (inputs,), {}
                 getattr(module, call_method)(*args, **kwargs)
-            _map_modules(module, lambda m: m.rng_init())
         return module._with_flag("_initialized", True, inplace=True)
 
     def rng_init(self) -> None:
@@ -296,45 +380,45 @@ class Module(to.Tree):
         """Deep copy (leaves shared, they are immutable)."""
         return _copy(self)
 
-    def _filtered(self: M, keep: Callable[[type], bool]) -> M:
+    def _filtered(self: M, keep: Callable[[Any], bool]) -> M:
         new = object.__new__(type(self))
         for field, value in vars(self).items():
             if field != "_field_metadata" and self._is_node(field):
                 kind = self._field_metadata[field].kind if field in self._field_metadata else type(None)
-                new.__dict__[field] = _filter_value(value, kind, keep)
+                new.__dict__[field] = _filter_value(value, field, kind, self, keep)
             else:
                 new.__dict__[field] = _copy(value)
         new.__dict__["_field_metadata"] = dict(self._field_metadata)
         return new
 
-    def filter(self: M, *filters: type | Callable[[type], bool]) -> M:
-        """A copy whose leaves not matching every filter are ``treeo.NOTHING``.
+    def filter(self: M, *filters: type | Callable[[Any], bool]) -> M:
+        """A copy whose leaves not matching every filter are ``treeo.NOTHING`` (``treeo.filter``).
 
-        A filter is a kind (kept when the field's kind is a subclass of it) or a
-        predicate on the kind.
+        A filter is a kind (kept when the leaf's field kind is a subclass of it) or a callable
+        taking a ``treeo.FieldInfo`` (``.name``, ``.value``, ``.kind``, ``.module``) and returning a bool.
         """
-        preds = [
-            (lambda k, t=f: isinstance(k, type) and issubclass(k, t)) if isinstance(f, type) else f for f in filters
-        ]
-        return self._filtered(lambda kind: all(p(kind) for p in preds))
+        preds = [_kind_filter(f) if isinstance(f, type) else f for f in filters]
+        return self._filtered(lambda info: all(p(info) for p in preds))
 
-    def parameters(self: M, *filters: type | Callable[[type], bool]) -> M:
+    def parameters(self: M, *filters: type | Callable[[Any], bool]) -> M:
         """``filter(Parameter, *filters)``."""
         return self.filter(Parameter, *filters)
 
-    def batch_stats(self: M, *filters: type | Callable[[type], bool]) -> M:
+    def batch_stats(self: M, *filters: type | Callable[[Any], bool]) -> M:
         """``filter(BatchStat, *filters)``."""
         return self.filter(BatchStat, *filters)
 
-    def merge(self: M, *others: M) -> M:
-        """Leaves of ``others`` (later wins) where they are not ``NOTHING``, else this module's."""
-        flat, treedef = jax.tree_util.tree_flatten(self, is_leaf=lambda x: isinstance(x, to.Nothing))
-        for other in others:
-            oflat = jax.tree_util.tree_flatten(other, is_leaf=lambda x: isinstance(x, to.Nothing))[0]
-            if len(oflat) != len(flat):
-                raise ValueError(f"{type(self).__name__}.merge: structures differ ({len(flat)} vs {len(oflat)} leaves)")
-            flat = [a if isinstance(b, to.Nothing) else b for a, b in zip(flat, oflat)]
-        return jax.tree_util.tree_unflatten(treedef, flat)
+    def merge(self: M, other: M, *rest: M, flatten_mode: Any = None, ignore_static: bool = False) -> M:
+        """``treeo.merge``: per leaf, the value of the last of ``self, other, *rest`` that is not ``NOTHING``.
+
+        As treeo (``FlattenMode.all_fields``), static fields (configuration, flags) come from the
+        last tree too, with or without ``ignore_static`` (measured against ``treeo.merge``: its
+        ``ignore_static`` only loosens the structure check). ``flatten_mode`` other than
+        ``None``/``"all_fields"`` is not supported.
+        """
+        if flatten_mode not in (None, "all_fields", to.FlattenMode.all_fields):
+            raise NotImplementedError(f"merge: flatten_mode={flatten_mode!r} is not supported by the treex facade")
+        return _merge_values([self, other, *rest], ignore_static, "")
 
     def to_dict(self, *, private_fields: bool = False, static_fields: bool = True, type_info: bool = False) -> Any:
         """treeo ``to_dict``: fields as nested dicts/lists (``static_fields=False``: node fields only)."""

@@ -55,10 +55,13 @@ import jax.numpy as jnp
 
 from normbridge import core
 from normbridge._optional import require
+from normbridge.adapters.treex.conv import Conv, ConvTranspose
+from normbridge.adapters.treex.dropout import Dropout
 from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
-from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
+from normbridge.adapters.treex.layers import MLP, Embed, Flatten, Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import Module
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
+from normbridge.core import layouts
 
 __all__ = ["from_canonical", "to_canonical", "to_equinox"]
 
@@ -279,28 +282,183 @@ def _cast(dtype: Any) -> Any:
     return eqx.nn.Lambda(functools.partial(jnp.asarray, dtype=dtype))
 
 
-def _convert(module: Any, norms: Any, key: jax.Array, axis_name: str, pending: dict[int, Any]) -> list[Any]:
-    """Equinox layers (a list, to allow a trailing dtype cast) for one treex module."""
+#: Elementwise functions: the same on any layout, so a Lambda of one needs no channels-last round trip.
+_ELEMENTWISE = frozenset(
+    getattr(jax.nn, a) for a in (
+        "relu", "relu6", "gelu", "sigmoid", "silu", "swish", "elu", "celu", "selu", "leaky_relu", "softplus",
+        "soft_sign", "log_sigmoid", "hard_tanh", "hard_sigmoid", "hard_silu", "hard_swish", "mish",
+    ) if hasattr(jax.nn, a)
+) | {jnp.tanh}  # fmt: skip
+
+
+def _channels_last_call(f: Any, x: jax.Array) -> jax.Array:
+    """Apply a treex function (written for a channels-last batch) to one channels-first Equinox example.
+
+    ``x (C, *spatial)`` becomes the batch of one ``(1, *spatial, C)``; a result that keeps the rank goes
+    back to channels first, a vector (a global pooling) is returned as is; anything else has no
+    unambiguous Equinox layout and is refused (at trace time). A vector input is passed as ``(1, F)``.
+    """
+    if x.ndim == 1:
+        return f(x[None])[0]
+    y = f(jnp.moveaxis(x, 0, -1)[None])[0]
+    if y.ndim == x.ndim:
+        return jnp.moveaxis(y, -1, 0)
+    if y.ndim == 1:
+        return y
+    raise ValueError(
+        f"to_equinox: a Lambda maps a {x.ndim}-D example to {y.ndim}-D: neither channels-first spatial nor a "
+        "vector, so its Equinox layout is ambiguous"
+    )
+
+
+def _flatten_channels_last(x: jax.Array) -> jax.Array:
+    """treex ``Flatten`` of one channels-first example: flatten in treex's (channels-last) order."""
+    return jnp.ravel(jnp.moveaxis(x, 0, -1)) if x.ndim > 1 else x
+
+
+def _require_vector(x: jax.Array) -> jax.Array:
+    """Guard before ``eqx.nn.Linear`` where the layout is known only at trace time."""
+    if x.ndim != 1:
+        raise ValueError(
+            f"to_equinox: Linear gets a {x.ndim}-D channels-first example (treex applies it to the channels "
+            "axis; eqx.nn.Linear takes one vector): add a Flatten or a pooling Lambda before it"
+        )
+    return x
+
+
+def _vmapped_lookup(embedding: Any, x: jax.Array) -> jax.Array:
+    """``eqx.nn.Embedding`` takes one id; treex's ``Embed`` any array of ids."""
+    f = embedding
+    for _ in range(jnp.ndim(x)):
+        f = jax.vmap(f)
+    return f(x)
+
+
+def _lookup_module(embedding: Any) -> Any:
+    eqx = require("equinox", facade="treex", extra="equinox")
+
+    class EmbeddingLookup(eqx.Module):
+        """``eqx.nn.Embedding`` over every id of ``x`` (treex ``Embed`` semantics, per example)."""
+
+        embedding: Any
+
+        def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
+            return _vmapped_lookup(self.embedding, x)
+
+    return EmbeddingLookup(embedding)
+
+
+def _conv(module: Conv, key: jax.Array) -> Any:
+    """``eqx.nn.Conv`` holding the treex Conv's kernel (HWIO → OIHW) and bias (→ ``(out, 1, ..., 1)``)."""
+    eqx = require("equinox", facade="treex", extra="equinox")
+    if module.kernel is None:
+        raise ValueError("to_equinox: Conv is not initialized (kernel is None)")
+    if module.input_dilation not in (None, 1) and set(_tuple(module.input_dilation, 1)) != {1}:
+        raise ValueError("to_equinox: Conv with input_dilation has no eqx.nn.Conv equivalent")
+    kernel = module.kernel
+    n = kernel.ndim - 2
+    window = tuple(kernel.shape[:n])
+    in_channels = int(kernel.shape[-2]) * int(module.feature_group_count)
+    out_channels = int(kernel.shape[-1])
+    dilation = _tuple(module.kernel_dilation, n)
+    padding: Any = module.padding
+    padding_mode = "ZEROS"
+    if padding == "CIRCULAR":
+        eff = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+        padding, padding_mode = tuple(((e - 1) // 2, e // 2) for e in eff), "CIRCULAR"
+    elif not isinstance(padding, str):
+        padding = tuple(tuple(int(v) for v in p) for p in padding)
+    conv = eqx.nn.Conv(
+        n, in_channels, out_channels, window, stride=_tuple(module.strides, n), padding=padding,
+        dilation=dilation, groups=int(module.feature_group_count), use_bias=module.use_bias,
+        padding_mode=padding_mode, key=key,
+    )  # fmt: skip
+    conv = eqx.tree_at(lambda m: m.weight, conv, layouts.oihw_from_hwio(kernel))
+    if module.use_bias:
+        conv = eqx.tree_at(lambda m: m.bias, conv, layouts.conv_bias_from_vector(module.bias, n))
+    return conv
+
+
+def _tuple(value: Any, n: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * n
+    if isinstance(value, int):
+        return (value,) * n
+    return tuple(int(v) for v in value)
+
+
+def _linear(module: Linear, key: jax.Array) -> Any:
+    eqx = require("equinox", facade="treex", extra="equinox")
+    if module.kernel is None:
+        raise ValueError("to_equinox: Linear is not initialized (kernel is None)")
+    n_in, n_out = module.kernel.shape
+    lin = eqx.nn.Linear(n_in, n_out, use_bias=module.use_bias, key=key)
+    lin = eqx.tree_at(lambda m: m.weight, lin, layouts.linear_weight_from_kernel(module.kernel))
+    if module.use_bias:
+        lin = eqx.tree_at(lambda m: m.bias, lin, module.bias)
+    return lin
+
+
+def _convert(
+    module: Any, norms: Any, key: jax.Array, axis_name: str, pending: dict[int, Any], spatial: bool | None
+) -> tuple[list[Any], bool | None]:
+    """Equinox layers (a list, to allow a trailing dtype cast) for one treex module, and whether the
+    activation after them is a channels-first spatial array (Equinox's layout, ``True``), a vector
+    (``False``) or decided by its rank at trace time (``None``, after a non-elementwise Lambda)."""
     eqx = require("equinox", facade="treex", extra="equinox")
     if isinstance(module, Sequential):
         out: list[Any] = []
         for i, layer in enumerate(module.layers):
-            out.extend(_convert(layer, norms, jax.random.fold_in(key, i), axis_name, pending))
-        return [eqx.nn.Sequential(out)]
+            layers, spatial = _convert(layer, norms, jax.random.fold_in(key, i), axis_name, pending, spatial)
+            out.extend(layers)
+        return [eqx.nn.Sequential(out)], spatial
     if isinstance(module, Lambda):
-        return [eqx.nn.Lambda(module.f)]
-    if isinstance(module, Linear):
-        if module.kernel is None:
-            raise ValueError("to_equinox: Linear is not initialized (kernel is None)")
-        n_in, n_out = module.kernel.shape
-        lin = eqx.nn.Linear(n_in, n_out, use_bias=module.use_bias, key=key)
-        lin = eqx.tree_at(lambda m: m.weight, lin, module.kernel.T)
-        if module.use_bias:
-            lin = eqx.tree_at(lambda m: m.bias, lin, module.bias)
-        layers = [lin]
+        if not spatial or module.f in _ELEMENTWISE:
+            return [eqx.nn.Lambda(module.f)], spatial
+        return [eqx.nn.Lambda(functools.partial(_channels_last_call, module.f))], None
+    if isinstance(module, Flatten):
+        return [eqx.nn.Lambda(jnp.ravel if spatial is False else _flatten_channels_last)], False
+    if isinstance(module, Dropout):
+        # Inference mode: identity, as treex's eval(). (Equinox's own mask would differ from treex's anyway.)
+        return [eqx.nn.Dropout(module.rate, inference=True)], spatial
+    if isinstance(module, Embed):
+        if module.embedding is None:
+            raise ValueError("to_equinox: Embed is not initialized (embedding is None)")
+        num, features = module.embedding.shape
+        emb = eqx.nn.Embedding(int(num), int(features), weight=module.embedding)
+        layers = [_lookup_module(emb)]
         if jnp.dtype(module.dtype) != jnp.float32:
             layers.append(_cast(module.dtype))
-        return layers
+        return layers, False
+    if isinstance(module, MLP):
+        out = []
+        for i, layer in enumerate(module.layers):
+            out.append(_linear(layer, jax.random.fold_in(key, i)))
+            if jnp.dtype(layer.dtype) != jnp.float32:
+                out.append(_cast(layer.dtype))
+            if i < len(module.layers) - 1:
+                out.append(eqx.nn.Lambda(module.activation))
+        return [eqx.nn.Sequential(out)], False
+    if isinstance(module, Conv):
+        layers = [_conv(module, key)]
+        if jnp.dtype(module.dtype) != jnp.float32:
+            layers.append(_cast(module.dtype))
+        return layers, True
+    if isinstance(module, ConvTranspose):
+        raise TypeError(
+            "to_equinox: ConvTranspose is not converted: eqx.nn.ConvTranspose's padding refers to the forward "
+            "convolution, flax 0.4.1's to lax.conv_transpose; no verified mapping"
+        )
+    if isinstance(module, Linear):
+        if spatial:
+            raise ValueError(
+                "to_equinox: Linear on a spatial activation (treex applies it to the channels axis; "
+                "eqx.nn.Linear takes one vector): add a Flatten or a pooling Lambda before it"
+            )
+        layers = [_linear(module, key)] if spatial is False else [eqx.nn.Lambda(_require_vector), _linear(module, key)]
+        if jnp.dtype(module.dtype) != jnp.float32:
+            layers.append(_cast(module.dtype))
+        return layers, False
     if not isinstance(module, (BatchNorm, LayerNorm, GroupNorm)):
         raise TypeError(f"to_equinox: no Equinox equivalent for {type(module).__name__}")
     record = to_canonical(module)
@@ -340,7 +498,13 @@ def _convert(module: Any, norms: Any, key: jax.Array, axis_name: str, pending: d
     layers = [layer]
     if jnp.dtype(module.dtype) != jnp.float32:
         layers.append(_cast(module.dtype))
-    return layers
+    return layers, spatial
+
+
+def _first_layer(module: Any) -> Any:
+    while isinstance(module, Sequential) and module.layers:
+        module = module.layers[0]
+    return module
 
 
 def to_equinox(
@@ -356,7 +520,8 @@ def to_equinox(
     norms = _norm_layers(backend)
     key = jax.random.PRNGKey(0) if key is None else key
     pending: dict[int, tuple[jax.Array, jax.Array]] = {}  # id(equinox BatchNorm) -> treex (mean, var)
-    layers = _convert(module, norms, key, axis_name, pending)
+    first = _first_layer(module)
+    layers, _ = _convert(module, norms, key, axis_name, pending, isinstance(first, (Conv, ConvTranspose)))
     model = layers[0] if len(layers) == 1 else eqx.nn.Sequential(layers)
     state = eqx.nn.State(model)
     nodes = jax.tree_util.tree_leaves(model, is_leaf=lambda x: id(x) in pending)

@@ -149,3 +149,46 @@ def test_zero_debiased_statistics_are_debiased_with_core() -> None:
     np.testing.assert_array_equal(out.var, var)
     with pytest.raises(ValueError, match="needs count and momentum"):
         tx.from_canonical(rec.replace(count=None), like)
+
+
+def _eqx_run(model, state, x):
+    import jax
+
+    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)[0]
+
+
+def test_embed_flatten_linear_to_equinox() -> None:
+    import jax
+    import numpy as np
+
+    ids = np.random.default_rng(1).integers(0, 11, size=(3, 5)).astype(np.int32)
+    model = tx.Sequential(tx.Embed(11, 4), tx.Flatten(), jax.nn.gelu, tx.Linear(3)).init(0, ids)
+    eqx_model, state = tx.to_equinox(model)
+    np.testing.assert_allclose(_eqx_run(eqx_model, state, ids), model.eval()(ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "CIRCULAR", [(2, 0)]])
+def test_conv1d_groups_flatten_to_equinox(padding) -> None:
+    """After a Conv the Equinox activation is channels first; Flatten keeps treex's channels-last order."""
+    import numpy as np
+
+    x = np.random.default_rng(2).normal(size=(3, 9, 4)).astype(np.float32)
+    model = tx.Sequential(
+        tx.Conv(6, [3], strides=[2], padding=padding, feature_group_count=2, kernel_dilation=[1]),
+        tx.BatchNorm(), tx.Dropout(0.3), tx.Flatten(), tx.Linear(2),
+    ).init(0, x)  # fmt: skip
+    model(x)  # one training step: non-trivial statistics
+    eqx_model, state = tx.to_equinox(model)
+    y = _eqx_run(eqx_model, state, np.moveaxis(x, -1, 1))
+    np.testing.assert_allclose(y, model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_on_a_spatial_activation_is_refused() -> None:
+    import numpy as np
+
+    x = np.zeros((2, 5, 5, 3), np.float32)
+    model = tx.Sequential(tx.Conv(4, [3, 3]), tx.Linear(2)).init(0, x)
+    with pytest.raises(ValueError, match="Linear on a spatial activation"):
+        tx.to_equinox(model)
+    with pytest.raises(TypeError, match="ConvTranspose is not converted"):
+        tx.to_equinox(tx.Sequential(tx.ConvTranspose(2, [3, 3])).init(0, x))
