@@ -238,10 +238,9 @@ def test_strict_promotion_grid_compares_half_precision_and_errors(strict_promoti
     bf16_all = (("param_dtype", jnp.bfloat16), ("force_float32_reductions", False))
     grid = [
         Config("LayerNorm", (2, 3, 4), "bfloat16", bf16_all),
-        Config("BatchNorm", (4, 3), "bfloat16", (*bf16_all, ("momentum", 0.9)), use_jit=True),
+        Config("BatchNorm", (4, 3), "bfloat16", (*bf16_all, ("momentum", 0.9))),
         Config("LayerNorm", (2, 3), "bfloat16", ()),
         Config("SpectralNorm", (2, 3), "float32", (("param_dtype", jnp.bfloat16),)),
-        Config("GroupNorm", (2, 4), "float32", (("num_groups", 2),), mask=True),
     ]
     kinds = [check_strict(strict_promotion, cfg) for cfg in grid]
     assert kinds.count("compared") >= 2 and "raised" in kinds, kinds
