@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 DTypeLike = Any
@@ -38,5 +39,11 @@ def result_dtype(*args: Any, dtype: DTypeLike | None = None) -> Any:
 
 
 def upcast_dtype(x_dtype: DTypeLike) -> Any:
-    """``result_type(x_dtype, float32)`` under standard promotion (equinox's rule)."""
-    return jnp.promote_types(jnp.dtype(x_dtype), jnp.float32)
+    """``result_type(x_dtype, float32)`` under standard promotion (equinox's rule).
+
+    Equinox computes this inside ``jax.numpy_dtype_promotion("standard")``, so the
+    upcast works (bfloat16 → float32) even when the user enables strict promotion;
+    the same scope here keeps the facade's behaviour identical under either setting.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(jnp.dtype(x_dtype), jnp.float32)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import jax
 
 
-def resolve_groups(channels: int, num_groups: int | None, group_size: int | None) -> tuple[int, int]:
+def resolve_groups(
+    channels: int, num_groups: int | None, group_size: int | None, *, channels_word: str = "channels"
+) -> tuple[int, int]:
     """``(num_groups, group_size)`` from exactly one of them; ``ValueError`` otherwise.
 
-    The messages are flax's, so a facade raises what the native layer raises.
+    The messages are flax's, so a facade raises what the native layer raises; linen says
+    "Number of channels (C) is not multiple of the group size", nnx says "Number of
+    features": ``channels_word`` picks the word.
     """
     if (num_groups is None) == (group_size is None):
         raise ValueError(
@@ -17,7 +21,9 @@ def resolve_groups(channels: int, num_groups: int | None, group_size: int | None
         )
     if group_size is not None:
         if channels % group_size != 0:
-            raise ValueError(f"Number of channels ({channels}) is not multiple of the group size ({group_size}).")
+            raise ValueError(
+                f"Number of {channels_word} ({channels}) is not multiple of the group size ({group_size})."
+            )
         return channels // group_size, group_size
     assert num_groups is not None
     if num_groups <= 0 or channels % num_groups != 0:

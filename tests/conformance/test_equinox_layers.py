@@ -154,3 +154,71 @@ def test_weight_norm(layer, dtype, axis, use_jit, seed) -> None:
     accs = em.new_accs()
     em.measure_weight_norm(cfg, accs)
     assert_all(accs, *ALL)
+
+
+# --------------------------------------------------- strict dtype promotion (tests/conformance/conftest.py)
+#: A quarter of the profile's examples: equinox's own test configuration, jax_numpy_dtype_promotion="strict".
+STRICT_EXAMPLES = settings(max_examples=max(2, settings().max_examples // 4))
+
+
+def _norm_alone(cfg: em.NormConfig, impl: str):
+    """One side alone (the measure compares errors itself; this is the fallback when it cannot)."""
+
+    def run():
+        ncls, nargs, fcls, fargs = em._build_norm(cfg)
+        model = em.make(ncls, *nargs)[0] if impl == "native" else em.make(fcls, *fargs)[0]
+        em._norm_apply(model, em.data((cfg.seed, 1), (cfg.batch, *cfg.shape), em.DTYPES[cfg.dtype]), None, False)
+
+    return run
+
+
+@pytest.mark.parametrize("layer", ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"])
+@STRICT_EXAMPLES
+@given(data=st.data(), dtype=DTYPES, param_dtype=st.sampled_from([None, "same"]), use_jit=USE_JIT)
+def test_norm_under_strict_promotion(layer: str, data, dtype, param_dtype, use_jit, strict_promotion) -> None:
+    """Half-precision input under strict promotion: equinox upcasts in a "standard" scope; so must the facade."""
+    cfg = em.NormConfig(
+        layer=layer,
+        shape=data.draw(st.sampled_from(SHAPES[layer]), label="shape"),
+        groups=data.draw(st.sampled_from([1, 2, 4]), label="groups"),
+        dtype=dtype,
+        param_dtype=dtype if param_dtype == "same" else None,
+        use_weight=data.draw(st.booleans(), label="use_weight"),
+        use_bias=data.draw(st.booleans(), label="use_bias"),
+        batch=3,
+        use_jit=use_jit,
+        seed=data.draw(st.integers(0, 3), label="seed"),
+    )
+    accs = em.new_accs()
+    kind, _ = strict_promotion(lambda: em.measure_norm(cfg, accs), _norm_alone(cfg, "native"),
+                               _norm_alone(cfg, "facade"))
+    assert kind == "compared"  # equinox never raises here: the measure compares (and any error types) itself
+    assert_all(accs, *ALL)
+
+
+@STRICT_EXAMPLES
+@given(mode=st.sampled_from(["ema", "batch"]), dtype=DTYPES, state_dtype=st.sampled_from([None, "same"]),
+       use_jit=USE_JIT, seed=st.integers(0, 3))
+def test_batch_norm_under_strict_promotion(mode, dtype, state_dtype, use_jit, seed, strict_promotion) -> None:
+    cfg = em.BNConfig(channels=3, spatial=(2,), dtype=dtype, state_dtype=dtype if state_dtype == "same" else None,
+                      mode=mode, steps=2, use_jit=use_jit, seed=seed)
+    accs = em.new_accs()
+    strict_promotion(lambda: em.measure_batch_norm(cfg, accs), lambda: None, lambda: None)
+    mixed = dtype != "float32" and state_dtype is None  # bf16/f16 input, f32 state: native raises in both modes
+    assert_all(accs, "state layout", "outputs", *(() if mixed else ALL))
+
+
+@pytest.mark.parametrize("wrapper", ["SpectralNorm", "WeightNorm"])
+@STRICT_EXAMPLES
+@given(layer=st.sampled_from(["Linear", "Conv2d"]), dtype=DTYPES, iters=st.sampled_from([0, 1]),
+       axis=st.sampled_from([0, -1, None]), use_jit=USE_JIT, seed=st.integers(0, 3))
+def test_wrappers_under_strict_promotion(wrapper, layer, dtype, iters, axis, use_jit, seed, strict_promotion) -> None:
+    if wrapper == "SpectralNorm":
+        measure = em.measure_spectral_norm
+        cfg = em.WrapConfig(layer=layer, dtype=dtype, num_power_iterations=iters, steps=1, use_jit=use_jit, seed=seed)
+    else:
+        measure, cfg = em.measure_weight_norm, em.WrapConfig(layer=layer, dtype=dtype, axis=axis, use_jit=use_jit,
+                                                              seed=seed)
+    accs = em.new_accs()
+    strict_promotion(lambda: measure(cfg, accs), lambda: None, lambda: None)
+    assert_all(accs, *ALL)

@@ -10,6 +10,7 @@ checkpoint round trip native → canonical record → facade subtree, bit for bi
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings
@@ -194,3 +195,52 @@ def test_spectral_norm_matches_linen(cfg: Config) -> None:
 @given(weight_norm())
 def test_weight_norm_matches_linen(cfg: Config) -> None:
     check(cfg)
+
+
+# --------------------------------------------------- strict dtype promotion (tests/conformance/conftest.py)
+#: A quarter of the profile's examples: the same strategies, run again under jax_numpy_dtype_promotion="strict".
+STRICT_EXAMPLES = settings(max_examples=max(2, settings().max_examples // 4))
+STRATEGIES = {
+    "BatchNorm": batch_norm, "LayerNorm": layer_norm, "RMSNorm": lambda: layer_norm("RMSNorm"),
+    "GroupNorm": group_norm, "InstanceNorm": instance_norm, "SpectralNorm": spectral_norm, "WeightNorm": weight_norm,
+}  # fmt: skip
+
+
+def _first_call(cfg: Config, impl: str):
+    """One implementation alone: init, train apply, eval apply, gradients (what ``measure_case`` starts with)."""
+    from normbridge.conformance.linen import _Runner, build, inputs
+
+    x, mask = inputs(cfg)
+    return lambda: _Runner(cfg, build(cfg, impl)).first(jax.random.key(cfg.seed), x, mask)
+
+
+def check_strict(run_strict, cfg: Config) -> str:
+    steps = 1 if cfg.layer in ("BatchNorm", "SpectralNorm") else 0
+    kind, accs = run_strict(
+        lambda: measure_case(cfg, steps=steps), _first_call(cfg, "native"), _first_call(cfg, "facade")
+    )
+    if kind == "compared":
+        failed = {col: acc.text() for col, acc in accs.items() if not acc.ok}
+        assert not failed, f"strict promotion, {cfg.label()}: {failed}"
+    return kind
+
+
+@pytest.mark.parametrize("layer", list(STRATEGIES))
+@STRICT_EXAMPLES
+@given(data=st.data())
+def test_layers_match_linen_under_strict_promotion(layer: str, data: st.DataObject, strict_promotion) -> None:
+    """Outputs, gradients, statistics and state as in standard mode, or native's own error (same type and text)."""
+    check_strict(strict_promotion, data.draw(STRATEGIES[layer]()))
+
+
+def test_strict_promotion_grid_compares_half_precision_and_errors(strict_promotion) -> None:
+    """Fixed cases so that both outcomes are exercised: bf16 all the way (compared) and bf16 x f32 (native raises)."""
+    bf16_all = (("param_dtype", jnp.bfloat16), ("force_float32_reductions", False))
+    grid = [
+        Config("LayerNorm", (2, 3, 4), "bfloat16", bf16_all),
+        Config("BatchNorm", (4, 3), "bfloat16", (*bf16_all, ("momentum", 0.9))),
+        Config("LayerNorm", (2, 3), "bfloat16", ()),
+        Config("SpectralNorm", (2, 3), "float32", (("param_dtype", jnp.bfloat16),)),
+    ]
+    kinds = [check_strict(strict_promotion, cfg) for cfg in grid]
+    assert kinds.count("compared") >= 2 and "raised" in kinds, kinds

@@ -41,8 +41,14 @@ def test_group_norm_requires_last_axis_like_linen() -> None:
     x = make_input((2, 3, 6), "float32", 0)
     native = nnx.GroupNorm(6, num_groups=3, reduction_axes=(1,), rngs=nnx.Rngs(0))
     native(x)  # native accepts it silently (and reduces the last axis anyway)
-    with pytest.raises(ValueError, match="GroupNorm: reduction_axes"):
+    import flax.linen as nn
+    import jax
+
+    with pytest.raises(ValueError) as linen_err:
+        nn.GroupNorm(num_groups=3, reduction_axes=(1,)).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="GroupNorm: ") as facade_err:
         F.GroupNorm(6, num_groups=3, reduction_axes=(1,), rngs=nnx.Rngs(0))(x)
+    assert str(linen_err.value) in str(facade_err.value)  # linen's check, linen's message verbatim
 
 
 @pytest.mark.parametrize("layer", ["SpectralNorm", "WeightNorm"])

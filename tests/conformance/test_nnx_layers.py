@@ -186,3 +186,86 @@ def test_measurement_detects_a_wrong_facade() -> None:
     assert any(b.startswith("outputs/") for b in bad_eps), bad_eps
     bad_dtype = failures(measure_norm(case, native_cls=nnx.LayerNorm, facade_cls=WrongDtype))
     assert any(b.startswith("state layout/") for b in bad_dtype), bad_dtype
+
+
+# --------------------------------------------------- strict dtype promotion (tests/conformance/conftest.py)
+#: A quarter of the profile's examples: the same strategies, run again under jax_numpy_dtype_promotion="strict".
+STRICT_EXAMPLES = settings(max_examples=max(2, settings().max_examples // 4))
+NORM_STRATEGIES = {
+    "BatchNorm": batch_norm_cases, "LayerNorm": lambda: layer_norm_cases("LayerNorm"),
+    "RMSNorm": lambda: layer_norm_cases("RMSNorm"), "GroupNorm": group_norm_cases, "InstanceNorm": instance_norm_cases,
+}  # fmt: skip
+
+
+def _norm_alone(case: NormCase, impl: str):
+    """One implementation alone: train call, eval call, gradients (what ``measure_norm`` does per side)."""
+    from flax import nnx
+
+    import normbridge.adapters.nnx as F
+    from normbridge.conformance.nnx_cases import _caller, _grads, build_norm, make_input, make_mask
+
+    def run():
+        m = build_norm(getattr(nnx if impl == "native" else F, case.layer), case)
+        x = make_input(case.shape, case.dtype, case.seed + 100)
+        mask = make_mask(case.shape, case.seed) if case.mask else None
+        call = _caller(case.layer, case.use_jit)
+        call(m, x, mask, True)
+        call(m, x, mask, False)
+        _grads(m, x, mask, case.layer, case.use_jit)
+
+    return run
+
+
+def _wrapper_alone(case: WrapperCase, impl: str):
+    from flax import nnx
+
+    import normbridge.adapters.nnx as F
+    from normbridge.conformance.nnx_cases import build_wrapper, make_input
+
+    def run():
+        m = build_wrapper(getattr(nnx if impl == "native" else F, case.layer), case)
+        x = make_input(case.input_shape(), case.dtype, case.seed + 100)
+        kw = {"update_stats": True} if case.layer == "SpectralNorm" else {}
+        m(x, **kw)
+        nnx.grad(lambda m: jnp.sum(m(x, **kw).astype(jnp.float32)))(m)
+
+    return run
+
+
+def check_strict(run_strict, case) -> str:
+    if isinstance(case, WrapperCase):
+        measure, alone = measure_wrapper, _wrapper_alone
+    else:
+        measure, alone = measure_norm, _norm_alone
+    kind, checks = run_strict(lambda: measure(case), alone(case, "native"), alone(case, "facade"))
+    if kind == "compared":
+        _assert(checks)
+    return kind
+
+
+@pytest.mark.parametrize("layer", list(NORM_STRATEGIES))
+@STRICT_EXAMPLES
+@given(data=st.data())
+def test_norms_match_native_under_strict_promotion(layer: str, data, strict_promotion) -> None:
+    """Outputs, statistics and gradients as in standard mode, or native's own error (same type and text)."""
+    check_strict(strict_promotion, data.draw(NORM_STRATEGIES[layer]()))
+
+
+@pytest.mark.parametrize("layer", ["SpectralNorm", "WeightNorm"])
+@STRICT_EXAMPLES
+@given(data=st.data())
+def test_wrappers_match_native_under_strict_promotion(layer: str, data, strict_promotion) -> None:
+    check_strict(strict_promotion, data.draw(wrapper_cases(layer)))
+
+
+def test_strict_promotion_grid_compares_half_precision_and_errors(strict_promotion) -> None:
+    """Fixed cases so that both outcomes are exercised: bf16 input with dtype=float32 runs, bf16 x f32 raises."""
+    grid = [
+        NormCase("BatchNorm", (4, 6), kwargs=(("dtype", jnp.float32),), dtype="bfloat16", steps=2),
+        NormCase("LayerNorm", (2, 6), kwargs=(("dtype", jnp.float32), ("param_dtype", jnp.bfloat16)),
+                 dtype="bfloat16", mask=True, steps=1),
+        NormCase("GroupNorm", (2, 3, 6), kwargs=(("num_groups", 2),), dtype="bfloat16", steps=1),
+        WrapperCase("SpectralNorm", kwargs=(("dtype", jnp.bfloat16),), steps=1),
+    ]
+    kinds = [check_strict(strict_promotion, case) for case in grid]
+    assert kinds.count("compared") >= 2 and "raised" in kinds, kinds

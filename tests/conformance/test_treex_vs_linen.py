@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normbridge.conformance import treex as T
@@ -111,3 +111,62 @@ def test_treex_signatures(layer: str) -> None:
 @pytest.mark.parametrize("layer", T.ADDITIONS)
 def test_addition_signatures(layer: str) -> None:
     assert T.addition_signature_problems(layer) == []
+
+
+# --------------------------------------------------- strict dtype promotion (tests/conformance/conftest.py)
+#: A quarter of the profile's examples: the same strategies, run again under jax_numpy_dtype_promotion="strict".
+STRICT_EXAMPLES = settings(max_examples=max(2, settings().max_examples // 4))
+
+
+def _alone(layer: str, cfg: dict, x: np.ndarray, training: bool, impl: str):
+    """One side alone: linen configured as treex (``impl="native"``), or the treex facade."""
+    import jax
+
+    def run():
+        t, lm = T.build_pair(layer, cfg, "native")
+        xx = jnp.asarray(x)
+        if impl == "facade":
+            return t.init(0, xx).train(training)(xx)
+        kw = {"update_stats": False} if layer == "SpectralNorm" else {}
+        kw = {"use_running_average": True} if layer == "BatchNorm" else kw
+        return T._call_linen(layer, lm, lm.init(jax.random.PRNGKey(0), xx, **kw), xx, training)
+
+    return run
+
+
+def check_strict(run_strict, layer: str, cfg: dict, x: np.ndarray, training: bool, use_jit: bool, seed: int) -> str:
+    kind, result = run_strict(
+        lambda: T.compare_with_linen(layer, cfg, x, training=training, impl="native", use_jit=use_jit, seed=seed),
+        _alone(layer, cfg, x, training, "native"),
+        _alone(layer, cfg, x, training, "facade"),
+    )
+    if kind == "compared":
+        assert result["outputs"] and result["gradients"] and result["state layout"]
+        assert _check(result) == []
+    return kind
+
+
+@STRICT_EXAMPLES
+@given(data=st.data())
+def test_treex_facade_matches_linen_under_strict_promotion(data: st.DataObject, strict_promotion) -> None:
+    """Same outputs, statistics and gradients as linen configured as treex, or linen's own error."""
+    layer = data.draw(st.sampled_from(T.LAYERS), label="layer")
+    cfg, shape = data.draw(configs(layer), label="config")
+    # the wrappers wrap treex's Linear, which casts its input to float32 explicitly as flax 0.4.1's Dense did;
+    # today's linen Dense (the reference's inner layer) promotes instead: only float32 compares the wrappers
+    dtype = data.draw(DTYPES, label="dtype") if layer not in ("SpectralNorm", "WeightNorm") else np.float32
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    x = (np.random.default_rng(seed).normal(size=shape) * 3 + 1).astype(np.float32).astype(dtype)
+    check_strict(strict_promotion, layer, cfg, x, data.draw(st.booleans(), label="training"),
+                 data.draw(st.booleans(), label="use_jit"), seed)
+
+
+def test_strict_promotion_grid_compares_and_errors(strict_promotion) -> None:
+    """Both outcomes exercised: float32 compares; bfloat16 input raises in linen (dtype=float32 output) and here."""
+    x32 = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    kinds = [
+        check_strict(strict_promotion, "BatchNorm", {}, x32, True, True, 0),
+        check_strict(strict_promotion, "GroupNorm", {"num_groups": 2}, x32, False, True, 1),
+        check_strict(strict_promotion, "LayerNorm", {}, x32.astype(jnp.bfloat16), True, False, 2),
+    ]
+    assert kinds == ["compared", "compared", "raised"], kinds

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from normbridge import core
-from normbridge.adapters.equinox._common import default_floating_dtype, eqx
+from normbridge.adapters.equinox._common import default_floating_dtype, eqx, named_errors
 
 StateIndex = eqx.nn.StateIndex
 State = eqx.nn.State
@@ -83,7 +83,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 stacklevel=2,
             )
         if mode not in {"ema", "batch"}:
-            raise ValueError(f"BatchNorm: invalid mode {mode!r}, must be 'ema' or 'batch'.")
+            raise ValueError(f"BatchNorm: Invalid mode, must be 'ema' or 'batch'. (got mode={mode!r})")
         self.mode = mode
         dtype = default_floating_dtype() if dtype is None else dtype
         if channelwise_affine:
@@ -127,7 +127,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 conj_product=True,
             )
 
-        return jax.vmap(per_channel)(x)
+        with named_errors("BatchNorm"):  # a 0-d x: equinox's vmap error, word for word
+            return jax.vmap(per_channel)(x)
 
     def __call__(
         self,
@@ -142,8 +143,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         Raises ``NameError`` outside a vmap/pmap binding ``axis_name`` (from the collective).
         """
         del key
-        if x.ndim < 1 or x.shape[0] != self.input_size:
-            raise ValueError(
+        if x.ndim >= 1 and x.shape[0] != self.input_size:
+            # equinox fails here with a TypeError from broadcasting the batch statistics against the stored
+            # ones (a jax message, not one of equinox's): the same type, and a message that says why
+            raise TypeError(
                 f"BatchNorm: x must have shape (input_size={self.input_size}, ...) for one example "
                 f"(vmap over the batch), got {x.shape}"
             )

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from normbridge import core
-from normbridge.adapters.equinox._common import default_floating_dtype, eqx, left_broadcast, sentinel
+from normbridge.adapters.equinox._common import default_floating_dtype, eqx, left_broadcast, named_errors, sentinel
 
 State = eqx.nn.State
 
@@ -47,14 +47,29 @@ def _finish(out: jax.Array, orig_dtype: Any, state: Any) -> Any:
     return out if state is sentinel else (out, state)
 
 
+#: Equinox's messages for an input whose shape is not ``shape``, word for word (spacing and backticks included).
+_SHAPE_MESSAGES = {
+    "LayerNorm": (
+        "`LayerNorm(shape)(x)` must satisfy the invariant `shape == x.shape`"
+        "Received `shape={shape} and `x.shape={x_shape}`. You might need "
+        "to replace `layer_norm(x)` with `jax.vmap(layer_norm)(x)`.\n"
+        "\n"
+        "If this is a new error for you, it might be because this became "
+        "stricter in Equinox v0.11.0. Previously all that was required is that "
+        "`x.shape` ended with `shape`. However, this turned out to be a "
+        "frequent source of bugs, so we made the check stricter!"
+    ),
+    "RMSNorm": (
+        "`RMSNorm(shape)(x)` must satisfy the invariant `shape == x.shape`"
+        "Received `shape={shape} and `x.shape={x_shape}`. You might need "
+        "to replace `rms_norm(x)` with `jax.vmap(rms_norm)(x)`.\n"
+    ),
+}
+
+
 def _check_shape(layer: str, shape: tuple[int, ...], x: jax.Array) -> None:
     if x.shape != shape:
-        name = layer.lower().replace("norm", "_norm")
-        raise ValueError(
-            f"`{layer}(shape)(x)` must satisfy the invariant `shape == x.shape`. "
-            f"Received `shape={shape}` and `x.shape={x.shape}`. You might need "
-            f"to replace `{name}(x)` with `jax.vmap({name})(x)`."
-        )
+        raise ValueError(_SHAPE_MESSAGES[layer].format(shape=shape, x_shape=x.shape))
 
 
 def _as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -155,12 +170,15 @@ class RMSNorm(eqx.Module):
 
 
 def _group_norm(
-    x: jax.Array, groups: int, eps: float, weight: jax.Array | None, bias: jax.Array | None
+    x: jax.Array, groups: int, eps: float, weight: jax.Array | None, bias: jax.Array | None, layer: str = "GroupNorm"
 ) -> jax.Array:
     """Equinox GroupNorm on one ``(C, ...)`` example, computed in the upcast dtype (not cast back)."""
     cd = core.upcast_dtype(x.dtype)
     x = x.astype(cd)
-    y = core.split_groups(x, groups, channels_first=True)  # (G, C/G, ...)
+    # equinox's own failure on a bad input (IndexError for a 0-d x, TypeError from the reshape when the
+    # channels do not split into ``groups``): the same operation, so the same error, after the layer name
+    with named_errors(layer):
+        y = core.split_groups(x, groups, channels_first=True)  # (G, C/G, ...)
     red = tuple(range(1, y.ndim))
     mean, var = core.moments(y, red, use_fast_variance=False, clip_two_pass=True, jnp_var=True, keepdims=True)
     out = core.merge_groups(core.normalize(y, mean, var, eps, order="rsqrt_then_affine"), channels_first=True)
@@ -169,7 +187,8 @@ def _group_norm(
     def full(p: jax.Array | None) -> jax.Array | None:
         return None if p is None else jnp.broadcast_to(left_broadcast(p, x.ndim), x.shape).astype(cd)
 
-    return core.affine(out, full(weight), full(bias))
+    with named_errors(layer):  # (C,) parameters that do not fit x: equinox's broadcasting error
+        return core.affine(out, full(weight), full(bias))
 
 
 class GroupNorm(eqx.Module):
@@ -193,10 +212,11 @@ class GroupNorm(eqx.Module):
         """Same arguments as ``equinox.nn.GroupNorm`` (groups first; channels optional without affine)."""
         if (channels is not None) and (channels % groups != 0):
             raise ValueError(
-                f"GroupNorm: the number of groups ({groups}) must divide the number of channels ({channels})."
+                f"GroupNorm: The number of groups must divide the number of channels. "
+                f"(groups={groups}, channels={channels})"
             )
         if (channels is None) and channelwise_affine:
-            raise ValueError("GroupNorm: the number of channels should be specified if `channelwise_affine=True`")
+            raise ValueError("GroupNorm: The number of channels should be specified if `channelwise_affine=True`")
         self.groups = groups
         self.channels = channels
         self.eps = eps
@@ -207,11 +227,6 @@ class GroupNorm(eqx.Module):
     def __call__(self, x: jax.Array, state: State = sentinel, *, key: Any = None) -> Any:
         """``x`` ``(channels, ...)`` → same shape and dtype (``(out, state)`` if a state is passed)."""
         del key
-        if x.ndim < 1 or x.shape[0] % self.groups != 0:
-            raise ValueError(
-                f"GroupNorm: x must be channels-first (C, ...) with C divisible by groups={self.groups}, "
-                f"got shape {x.shape}"
-            )
         out = _group_norm(x, self.groups, self.eps, self.weight, self.bias)
         return _finish(out, x.dtype, state)
 
@@ -244,5 +259,5 @@ class InstanceNorm(eqx.Module):
         del key
         if x.ndim < 1 or x.shape[0] != self.channels:
             raise ValueError(f"InstanceNorm: x must have shape (channels={self.channels}, ...), got {x.shape}")
-        out = _group_norm(x, self.channels, self.eps, self.weight, self.bias)
+        out = _group_norm(x, self.channels, self.eps, self.weight, self.bias, layer="InstanceNorm")
         return _finish(out, x.dtype, state)

@@ -26,7 +26,7 @@ import jax.random as jr
 from jax import lax
 
 from normbridge import core
-from normbridge.adapters.equinox._common import eqx
+from normbridge.adapters.equinox._common import eqx, named_errors
 
 StateIndex = eqx.nn.StateIndex
 State = eqx.nn.State
@@ -65,8 +65,8 @@ class SpectralNorm(eqx.nn.StatefulLayer, Generic[_Layer]):
         weight = getattr(layer, weight_name)
         if weight.ndim < 2:
             raise ValueError(
-                f"SpectralNorm: `weight` ({type(layer).__name__}.{weight_name}) must be at least "
-                f"two-dimensional, got shape {weight.shape}"
+                f"SpectralNorm: `weight` must be at least two-dimensional "
+                f"({type(layer).__name__}.{weight_name} has shape {weight.shape})"
             )
         weight = core.as_matrix(weight, 0)
         u_len, v_len = weight.shape
@@ -127,13 +127,10 @@ class WeightNorm(eqx.Module, Generic[_Layer]):
         self.weight_name = weight_name
         self.axis = axis
         weight = getattr(layer, weight_name)
-        if axis is not None and not -weight.ndim <= axis < weight.ndim:
-            raise ValueError(
-                f"WeightNorm: axis={axis} is out of range for {type(layer).__name__}.{weight_name} "
-                f"of shape {weight.shape}"
-            )
         self._norm = ft.partial(_norm_except_axis, norm=ft.partial(jnp.linalg.norm, keepdims=True), axis=axis)
-        self.g = core.norm_except_axis(weight, axis)
+        # an out-of-range axis fails in the same vmap as in equinox: its ValueError, after the layer name
+        with named_errors(f"WeightNorm({type(layer).__name__}.{weight_name}, axis={axis})"):
+            self.g = core.norm_except_axis(weight, axis)
 
     def __call__(self, x: jax.Array, *, key: Any = None) -> Any:
         """``layer(x)`` with its weight replaced by ``v * g / ‖v‖``."""

@@ -35,12 +35,15 @@ __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "Sp
 
 
 def _merge_flag(layer: str, name: str, ctor: bool | None, call: bool | None) -> bool:
-    """A flag given to exactly one of constructor and call (flax's ``merge_param`` rule, layer-named errors)."""
+    """A flag given to exactly one of constructor and call (flax's ``merge_param`` rule).
+
+    The errors are ``merge_param``'s, word for word, after the layer name.
+    """
     if ctor is None and call is None:
-        raise ValueError(f'{layer}: parameter "{name}" must be passed to the constructor or at call time.')
+        raise ValueError(f'{layer}: Parameter "{name}" must be passed to the constructor or at call time.')
     if ctor is not None and call is not None:
         raise ValueError(
-            f'{layer}: parameter "{name}" was passed to the constructor and at call time. Should be passed just once.'
+            f'{layer}: Parameter "{name}" was passed to the constructor and at call time. Should be passed just once.'
         )
     return ctor if call is None else call
 
@@ -283,9 +286,12 @@ class GroupNorm(nn.Module):
         reduction_axes = core.canonicalize_axes(x.ndim, reduction_axes)
         if reduction_axes[-1] != (feature_axis % x.ndim):
             raise ValueError(
-                f"GroupNorm: reduction_axes={self.reduction_axes!r} must include the final dimension "
-                f"(axis {x.ndim - 1} of the {x.ndim}-D input) as this is assumed to be the feature axis."
+                "GroupNorm: The reduction axes must include the final dimension as this is assumed to be the "
+                f"feature axis. (reduction_axes={self.reduction_axes!r}, input of rank {x.ndim})"
             )
+        if self.group_size is None and self.num_groups is not None:
+            # linen asserts this (an AssertionError) before dividing the channels
+            assert isinstance(self.num_groups, int), f"GroupNorm: num_groups={self.num_groups!r} is not an int"
         channels = x.shape[-1]
         try:
             num_groups, group_size = core.resolve_groups(channels, self.num_groups, self.group_size)
@@ -299,7 +305,13 @@ class GroupNorm(nn.Module):
             # Documented: a mask "of shape broadcastable to inputs". linen reshapes the raw mask and crashes
             # unless its last axis is C; broadcasting first follows the documentation and is a no-op
             # (bitwise the same result) for every mask linen accepts.
-            mask = core.split_groups(jnp.broadcast_to(mask, x.shape), num_groups)
+            try:
+                mask = jnp.broadcast_to(mask, x.shape)
+            except ValueError:
+                # a mask that fits neither way: linen's own reshape raises its error (a TypeError) first
+                mask.reshape((*mask.shape[:-1], num_groups, group_size))
+                raise
+            mask = core.split_groups(mask, num_groups)
         mean, var = _moments(
             self, core.split_groups(x, num_groups), [*reduction_axes[:-1], -1], mask, axis_name=self.axis_name
         )
@@ -345,8 +357,8 @@ class InstanceNorm(nn.Module):
         feature_axes = core.canonicalize_axes(x.ndim, self.feature_axes)
         if 0 in feature_axes:
             raise ValueError(
-                f"InstanceNorm: feature_axes={self.feature_axes!r} cannot include the leading dimension "
-                "(axis 0) as this is assumed to be the batch axis."
+                "InstanceNorm: The channel axes cannot include the leading dimension as this is assumed to be the "
+                f"batch axis. (feature_axes={self.feature_axes!r}, input of rank {x.ndim})"
             )
         reduction_axes = [i for i in range(1, x.ndim) if i not in feature_axes]
         mean, var = _moments(self, x, reduction_axes, mask, axis_name=self.axis_name)
@@ -412,8 +424,8 @@ class SpectralNorm(nn.Module):
             return value
         if value.ndim > 2 and self.error_on_non_matrix:
             raise ValueError(
-                f"SpectralNorm: variable {_path_name(self.layer_instance.name, path)!r} is {value.ndim}D "
-                "but error_on_non_matrix is True (only 2-D weights are accepted)."
+                f"SpectralNorm: variable {_path_name(self.layer_instance.name, path)!r}: "
+                f"Input is {value.ndim}D but error_on_non_matrix is True"
             )
         matrix = core.as_matrix(value, -1)
         name = _path_name(self.layer_instance.name, path)

@@ -67,11 +67,12 @@ def normalize_flax(
     mean = mean.reshape(stats_shape)
     var = var.reshape(stats_shape)
     args: list[Any] = [x]
+    # a list, as nnx passes it: a parameter of the wrong size then fails with nnx's reshape message
     if scale is not None:
-        scale = scale.reshape(bshape)
+        scale = scale.reshape(list(bshape))
         args.append(scale)
     if bias is not None:
-        bias = bias.reshape(bshape)
+        bias = bias.reshape(list(bshape))
         args.append(bias)
     y = core.normalize(x, mean, var, epsilon, scale, bias, order="flax")
     return jnp.asarray(y, core.result_dtype(*args, dtype=dtype))

@@ -99,15 +99,17 @@ class SpectralNorm(nnx.Module):
     def _check_matrix(self, path: tuple, ndim: int) -> None:
         if ndim > 2 and self.error_on_non_matrix:
             raise ValueError(
-                f"SpectralNorm: layer_instance parameter {path_str(path)!r} is {ndim}D but error_on_non_matrix is True"
+                f"SpectralNorm: parameter {path_str(path)!r}: "
+                f"Layer instance parameter is {ndim}D but error_on_non_matrix is True"
             )
 
     def __call__(self, x, update_stats: tp.Optional[bool] = None):
         update_stats = first_from(
             update_stats,
             not self.use_running_average,
-            error_msg="No `update_stats` argument was provided to SpectralNorm as either a __call__ argument "
-            "or __init__ argument.",
+            # nnx's text, whitespace included (unreachable there too: use_running_average is a bool)
+            error_msg="""No `update_stats` argument was provided to SpectralNorm
+        as either a __call__ argument or __init__ argument.""",
         )
         swaps = []
         for path, param in _params(self.layer_instance):
@@ -123,11 +125,11 @@ class SpectralNorm(nnx.Module):
             return None
         self._check_matrix(path, param.ndim)
         path_u, path_sigma = (*path, "u"), (*path, "sigma")
-        for p in (path_u, path_sigma):
+        for which, p in (("u", path_u), ("sigma", path_sigma)):
             if p not in self.batch_stats:
                 raise RuntimeError(
-                    f"SpectralNorm: could not find the batch stat {p!r} for the parameter {path_str(path)!r} in "
-                    "batch_stats. Parameters of the layer_instance should not change!"
+                    f"SpectralNorm: Could not find the path for {which} batch stat corresponding to the param {path} "
+                    "in the batch stats dict. Parameters of the layer_instance should not change!"
                 )
         w = param[...]
         mat = core.as_matrix(w, -1)
@@ -194,8 +196,8 @@ class WeightNorm(nnx.Module):
             if self.use_scale:
                 if path not in self.scales:
                     raise RuntimeError(
-                        f"WeightNorm: could not find the scale for the parameter {path_str(path)!r} in scales. "
-                        "Parameters of the layer_instance should not change!"
+                        f"WeightNorm: Could not find the scale corresponding to the param {path} "
+                        "in scales dict. Parameters of the layer_instance should not change!"
                     )
                 scale = self.scales[path][...]
             w = param[...]

@@ -106,7 +106,10 @@ class InstanceNorm(Module):
         self._check_ready()
         x = jnp.asarray(x)
         if x.ndim < 2:
-            raise ValueError(f"InstanceNorm: expected an input of rank >= 2 (batch, ..., channels), got {x.shape}")
+            raise ValueError(
+                "InstanceNorm: The channel axes cannot include the leading dimension as this is assumed to be the "
+                f"batch axis. (input of shape {x.shape}: axis 0 is the batch, the last axis the channels)"
+            )
         feature = (x.ndim - 1,)
         red = tuple(range(1, x.ndim - 1))
         pshape, bshape = core.feature_shapes(x.shape, feature)
@@ -168,7 +171,7 @@ class SpectralNorm(Module):
         if kernel.ndim <= 1 or self.n_steps < 1:
             return self.layer(x)
         if kernel.ndim > 2 and self.error_on_non_matrix:
-            raise ValueError(f"SpectralNorm: kernel is {kernel.ndim}D but error_on_non_matrix is True")
+            raise ValueError(f"SpectralNorm: kernel: Input is {kernel.ndim}D but error_on_non_matrix is True")
         w = core.as_matrix(kernel, -1)
         if initializing():
             self.u = jax.random.normal(param_key(next_key(), 1), (1, w.shape[-1]), jnp.float32)

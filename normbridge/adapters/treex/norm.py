@@ -38,9 +38,11 @@ def _check_dtype(layer: str, dtype: Any) -> None:
     try:
         ok = jnp.issubdtype(jnp.dtype(dtype), jnp.inexact)
     except TypeError:
-        ok = False
-    if not ok:
+        ok = None  # not a dtype at all
+    if ok is None:
         raise TypeError(f"{layer}: `dtype` must be a floating dtype, got {dtype!r}")
+    if not ok:
+        raise ValueError(f"{layer}: Dtype must be inexact: {dtype}")  # linen's message (flax canonicalize_dtype)
 
 
 def _param(init: Initializer, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -41,7 +41,7 @@ def test_spectral_norm_non_matrix_raises_naming_the_parameter() -> None:
     conv = lambda: nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0))  # noqa: E731
     with pytest.raises(ValueError):
         nnx.SpectralNorm(conv(), error_on_non_matrix=True, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="SpectralNorm: layer_instance parameter 'kernel' is 4D"):
+    with pytest.raises(ValueError, match="SpectralNorm: parameter 'kernel': Layer instance parameter is 4D"):
         F.SpectralNorm(conv(), error_on_non_matrix=True, rngs=nnx.Rngs(0))
 
 

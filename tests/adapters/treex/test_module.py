@@ -132,8 +132,10 @@ def test_no_update_during_init() -> None:
 
 
 def test_errors_name_layer_and_argument() -> None:
-    with pytest.raises(TypeError, match="BatchNorm: `dtype` must be a floating dtype"):
+    with pytest.raises(ValueError, match="BatchNorm: Dtype must be inexact"):  # linen's type and message
         tx.BatchNorm(dtype=jnp.int32)
+    with pytest.raises(TypeError, match="BatchNorm: `dtype` must be a floating dtype"):
+        tx.BatchNorm(dtype="not a dtype")
     with pytest.raises(TypeError):
         tx.BatchNorm(-1)  # keyword-only, as treex
     with pytest.raises(ValueError, match="Number of groups"):
