@@ -48,9 +48,13 @@ def named(f: Functional, params: Any, state: Any) -> dict[str, Any]:
         out = {f"params/{k}" if k else "params": v for k, v in tree_paths(params).items()}
         out.update(tree_paths(state))
         return out
-    out = dict(tree_paths(params))
+
+    def user(path: str) -> str:  # an NNX Variable flattens to its value: model.layer.kernel is layer/kernel
+        return path[: -len("/value")] if f.framework == "nnx" and path.endswith("/value") else path
+
+    out = {user(k): v for k, v in tree_paths(params).items()}
     for k, v in tree_paths(state).items():
-        out[k if k not in out else f"state/{k}"] = v
+        out[user(k) if user(k) not in out else f"state/{user(k)}"] = v
     return out
 
 
