@@ -8,8 +8,8 @@ ones after it:
    inputs — a layer that holds the same values and receives the same input but computes something else
    (a different eps, a different formula) is named by its path;
 2. **eval outputs** on each batch;
-3. **gradients** of ``loss`` (default: mean square of the output) with respect to the input and every
-   parameter, in training mode;
+3. **gradients** of ``loss`` (default: mean square of the output) of the eval computation with respect
+   to the input and every parameter;
 4. for ``train_steps > 0``, each step of the same optax optimizer (default ``optax.sgd(1e-2)``) on the
    batches in turn: training-mode outputs, gradients, then parameters and statistics after the update,
    then eval outputs.
@@ -87,13 +87,19 @@ class _Checker:
         self.by_a = {p.path_a: p for p in pairs}
 
     def leaves(
-        self, title: str, la: dict[str, Any], lb: dict[str, Any], paired: bool, prefix: str = "", tree_scale=False
+        self,
+        title: str,
+        la: dict[str, Any],
+        lb: dict[str, Any],
+        paired: bool,
+        prefix: str = "",
+        tree_scale: bool | float = False,
     ) -> DiffReport:
         """Compare two ``{path: leaf}`` dicts; ``paired``: through the parameter pairing (b's paths differ);
         ``prefix`` is put before every reported path (``grad ``, ``after step ``)."""
         out: list[LeafDiff] = []
         only_a, only_b = [], []
-        scale = _tree_scale(lb) if tree_scale else None
+        scale = tree_scale if not isinstance(tree_scale, bool) else (_tree_scale(lb) if tree_scale else None)
         if paired:
             seen_b = set()
             for pa, va in la.items():
@@ -337,11 +343,12 @@ def check_equivalent(
 
         opt = optax.sgd(1e-2)
 
-    def make_step(apply: Callable) -> Callable:
-        """One jitted training step: loss, outputs, new statistics, gradients and (with an optimizer) the update."""
+    def make_step(apply: Callable, train: bool = True) -> Callable:
+        """One jitted step: loss, outputs, new statistics, gradients and (with an optimizer, in training) the
+        update; ``train=False``: the gradients of the eval-mode computation, nothing updated."""
 
         def scalar(p, s, x):
-            y, new_state = apply(p, s, x, True)
+            y, new_state = apply(p, s, x, train)
             return loss(y), (y, new_state)
 
         def step(p, s, o, x):
@@ -350,7 +357,7 @@ def check_equivalent(
             else:  # integer inputs (token ids) have no gradient
                 (_, (y, new_s)), gp = jax.value_and_grad(scalar, has_aux=True)(p, s, x)
                 gx = None
-            if opt is None:
+            if opt is None or not train:
                 return y, new_s, gp, gx, p, o
             import optax
 
@@ -368,19 +375,19 @@ def check_equivalent(
         return pairing.params_only(side, f, p)
 
     def forward_report(title: str, ra: tuple, rb: tuple, with_state: bool, perm, pa_old=None, pb_old=None):
-        """Training-mode outputs, input gradient, parameter gradients (and the statistics the step wrote)."""
+        """Outputs (training steps), input gradient, parameter gradients (and the statistics the step wrote)."""
         ya, sa_new, gpa, gxa = ra[:4]
         yb, sb_new, gpb, gxb = rb[:4]
+        grads_a, grads_b = params_named(0, fa, gpa), params_named(1, fb, gpb)
+        gx_a, gx_b = _outputs("grad(input)", gxa), _outputs("grad(input)", _to_a_layout(gxb, perm))
+        # every derivative of the one loss is measured against the largest of them
+        scale = max(_tree_scale(grads_b), _tree_scale(gx_b))
         parts = [
-            checker.leaves(
-                title,
-                {**_outputs("train output", ya), **_outputs("grad(input)", gxa)},
-                {**_outputs("train output", yb), **_outputs("grad(input)", _to_a_layout(gxb, perm))},
-                paired=False,
-            ),
-            checker.leaves(
-                title, params_named(0, fa, gpa), params_named(1, fb, gpb), paired=True, prefix="grad ", tree_scale=True
-            ),
+            checker.leaves(title, _outputs("train output", ya), _outputs("train output", yb), paired=False)
+            if with_state
+            else DiffReport((), names=checker.names, tolerance=checker.tolerance, title=title),
+            checker.leaves(title, gx_a, gx_b, paired=False, tree_scale=scale),
+            checker.leaves(title, grads_a, grads_b, paired=True, prefix="grad ", tree_scale=scale),
         ]
         if with_state:
             parts.append(
@@ -394,24 +401,23 @@ def check_equivalent(
             )
         return _merge(title, parts)
 
-    # 3. gradients on the first batch (training mode)
+    # 3. gradients of the eval computation on the first batch
     (xa0, xb0) = batches[0]
     perms = [_layout_perm(xa, xb) for xa, xb in batches]
+    eval_a = make_step(fa.apply, train=False)(fa.params, fa.state, None, xa0)
+    eval_b = make_step(fb.apply, train=False)(fb.params, fb.state, None, xb0)
+    if (r := done(forward_report("gradients", eval_a, eval_b, False, perms[0]), planned[2:])) is not None:
+        return r
     oa = ob = None
     if opt is not None:
         oa, ob = opt.init(fa.params), opt.init(fb.params)
-    first_a = step_a(fa.params, fa.state, oa, xa0)
-    first_b = step_b(fb.params, fb.state, ob, xb0)
-    if (r := done(forward_report("gradients", first_a, first_b, False, perms[0]), planned[2:])) is not None:
-        return r
 
     # 4. training: step k is what the optimizer does on batch k
     pa, sa, pb, sb = fa.params, fa.state, fb.params, fb.state
     for k in range(train_steps):
         xa, xb = batches[k % len(batches)]
         title = f"training step {k + 1}/{train_steps}"
-        ra = first_a if k == 0 else step_a(pa, sa, oa, xa)
-        rb = first_b if k == 0 else step_b(pb, sb, ob, xb)
+        ra, rb = step_a(pa, sa, oa, xa), step_b(pb, sb, ob, xb)
         fwd = forward_report(title, ra, rb, True, perms[k % len(batches)], pa, pb)
         (sa, pa, oa), (sb, pb, ob) = (ra[1], ra[4], ra[5]), (rb[1], rb[4], rb[5])
         parts = [fwd]
