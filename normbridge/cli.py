@@ -15,20 +15,21 @@ def _check(args: argparse.Namespace) -> int:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    from normbridge.conformance import collect
+    from normbridge import conformance
     from normbridge.conformance.matrix import print_table, to_markdown
 
-    rows = collect(args.facade or FACADES)
+    rows = conformance.collect(args.facade or FACADES)
     if not rows:
         print("normbridge check: no facade produced any row", file=sys.stderr)
         return 2
-    md = to_markdown(rows)
+    extra = conformance.sections(args.facade or FACADES)
+    md = to_markdown(rows, [text for text, _ in extra])
     tmp = f"{args.output}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(md)
     os.replace(tmp, args.output)  # never leave a half-written matrix
     print_table(rows)
-    failed = [f"{r.facade}/{r.layer}" for r in rows if not r.ok]
+    failed = [f"{r.facade}/{r.layer}" for r in rows if not r.ok] + [f for _, fails in extra for f in fails]
     print(f"wrote {args.output}: {len(rows)} rows, {len(failed)} failing" + (f": {failed}" if failed else ""))
     return 1 if failed else 0
 

@@ -69,5 +69,6 @@ class ConversionError(ValueError):
             text += "".join(f"\n  - {p}" for p in self.problems)
         if mapping:
             body = "".join(f"\n    {k!r}: {v!r}," for k, v in mapping.items())
-            text += f"\nmapping inferred so far (source path: target path), to review and pass as mapping=:\n  {{{body}\n  }}"
+            text += "\nmapping inferred so far (source path: target path), to review and pass as mapping=:"
+            text += f"\n  {{{body}\n  }}"
         super().__init__(text)

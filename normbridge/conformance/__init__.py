@@ -67,6 +67,13 @@ def measured(fn: Callable[[], Cell]) -> Cell:
         return Cell(False, f"error: {type(err).__name__}: {err} ({last.filename.split('/')[-1]}:{last.lineno})"[:300])
 
 
+def sections(facades: Iterable[str] = FACADES) -> list[tuple[str, list[str]]]:
+    """Extra ``compat_matrix.md`` sections, ``(markdown, failures)`` each: the whole-model conversion matrix."""
+    from normbridge.conformance import conversion
+
+    return [conversion.section(facades)]
+
+
 def collect(facades: Iterable[str] = FACADES) -> list[Row]:
     """Rows of every requested facade whose conformance module exists."""
     rows: list[Row] = []

@@ -34,7 +34,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(rows: Sequence[Row]) -> str:
+def to_markdown(rows: Sequence[Row], sections: Sequence[str] = ()) -> str:
     v = versions()
     lines = [
         "# normbridge compatibility matrix",
@@ -64,6 +64,8 @@ def to_markdown(rows: Sequence[Row]) -> str:
     lines += ["", f"{len(rows)} rows, {len(rows) - failed} passing, {failed} failing."]
     if notes:
         lines += ["", "## Notes", "", *notes]
+    for section in sections:  # e.g. the whole-model conversion matrix (normbridge.conformance.conversion)
+        lines += ["", section.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -141,6 +141,11 @@ class Spoke:
     def run(self, model: Any, x: Any, train: bool, call: Callable | None) -> Any:
         return (call or self.call)(model, x, train)
 
+    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
+        """``(train-mode output, the model with its updated statistics)``: one forward pass in train mode with
+        the default call convention; ``model`` itself is not changed."""
+        raise NotImplementedError
+
     def runner(self, model: Any, call: Callable | None) -> Callable[[Any], Any]:
         """``x -> eval output`` of a :meth:`prepare`-d model, run eagerly: the bitwise guarantees between
         frameworks hold op for op; under ``jax.jit`` XLA fuses two different programs differently (~1e-7)."""

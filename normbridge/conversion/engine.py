@@ -58,7 +58,9 @@ def framework_of(obj: Any) -> str:
             return "treex"
         if mod.startswith("flax.linen"):
             if not (isinstance(obj, tuple) and len(obj) == 2):
-                raise ConversionError(f"a linen model is passed as (module, variables); got a bare {type(model).__name__}")
+                raise ConversionError(
+                    f"a linen model is passed as (module, variables); got a bare {type(model).__name__}"
+                )
             return "linen"
         if mod.startswith("flax.nnx"):
             return "nnx"
@@ -118,8 +120,22 @@ class _Side:
         return {c.path: c for c in self.calls or []}
 
 
+def _materialized(obj: Any) -> Any:
+    """``obj`` with abstract (``eval_shape``) arrays as zeros: the per-layer converters read arrays.
+    Only ``like`` is ever abstract, and all its values are replaced (an unpaired layer is refused)."""
+    import jax
+    import jax.numpy as jnp
+
+    def zeros(x: Any) -> Any:
+        return jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+
+    return jax.tree_util.tree_map(zeros, obj, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
 def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: list[str]) -> _Side:
     fw = framework_of(obj)
+    if fw in ("linen", "equinox"):  # NNX abstract models are handled by nnx itself
+        obj = _materialized(obj)
     spoke = spoke_for(fw)
     layers: dict[str, Layer] = {}
     calls = None
@@ -134,7 +150,8 @@ def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: lis
     except ConversionError:
         raise
     except Exception as err:  # the user's model code failed on the probe: report, don't leak
-        problems.append(f"{label} ({fw}): running the model on the probe failed: {type(err).__name__}: {err}")
+        hint = "" if call is not None else "; if it is not called the default way, pass call=(source_fn, like_fn)"
+        problems.append(f"{label} ({fw}): running the model on the probe failed: {type(err).__name__}: {err}{hint}")
     if probe is not None and calls is not None and not calls and layers:
         problems.append(
             f"{label} ({fw}): the probe run recorded no layer calls (does the call hook copy the model?); "
@@ -177,7 +194,9 @@ def _apply_mapping(
             problems.append(f"mapping: {key!r} is not a layer of the source (source layers: {sorted(src.layers)})")
     for s, t, _ in list(pairs):
         if t not in tgt.layers:
-            problems.append(f"mapping: {s!r} -> {t!r}: {t!r} is not a layer of like (like's layers: {sorted(tgt.layers)})")
+            problems.append(
+                f"mapping: {s!r} -> {t!r}: {t!r} is not a layer of like (like's layers: {sorted(tgt.layers)})"
+            )
             pairs.remove((s, t, "mapping"))
     return pairs, skip_s, skip_t
 
@@ -257,7 +276,9 @@ def _check_pair(src: _Side, tgt: _Side, s: str, t: str) -> list[str]:
     elif a.kind == "unknown":
         problems.append(f"{where}: layer kind unknown to normbridge; skip it with mapping={{{s!r}: None}}")
     elif record_shapes(a.record) != record_shapes(b.record):
-        problems.append(f"{where}: parameter shapes differ: source {record_shapes(a.record)}, like {record_shapes(b.record)}")
+        problems.append(
+            f"{where}: parameter shapes differ: source {record_shapes(a.record)}, like {record_shapes(b.record)}"
+        )
     ca, cb = src.by_path.get(s), tgt.by_path.get(t)
     if ca is not None and cb is not None:
         same = src.spoke.family == tgt.spoke.family
@@ -270,6 +291,8 @@ def _check_pair(src: _Side, tgt: _Side, s: str, t: str) -> list[str]:
 
 
 _HYPER = {"epsilon": {"equinox": "eps"}, "momentum": {}, "num_groups": {"equinox": "groups"}}
+#: Record options that change a layer's results, compared when both sides record them.
+_OPTIONS = ("use_fast_variance", "force_float32_reductions", "dtype", "n_steps", "group_size", "use_mean")
 
 
 def _hyper_diffs(a: Layer, b: Layer) -> list[tuple[str, Any, Any, bool]]:
@@ -283,6 +306,10 @@ def _hyper_diffs(a: Layer, b: Layer) -> list[tuple[str, Any, Any, bool]]:
             continue
         f32 = isinstance(va, float) and isinstance(vb, float) and np.float32(va) == np.float32(vb)
         out.append((field, va, vb, bool(f32)))
+    for name in _OPTIONS:
+        va, vb = a.record.option(name), b.record.option(name)
+        if va is not None and vb is not None and va != vb:
+            out.append((name, va, vb, False))
     return out
 
 
@@ -332,11 +359,13 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
         if diffs:
             hyper[t] = diffs
         for field, va, vb, f32 in diffs:
-            param = _HYPER[field].get(tgt.framework, field)
+            param = _HYPER.get(field, {}).get(tgt.framework, field)
             if f32:
                 notes.append(f"{t}: {field} {vb!r} taken for the source's {va!r} (equal at float32, treex's precision)")
             elif on_mismatch == "keep_like":
-                notes.append(f"{t}: {field} kept as like's {vb!r} (the source {s!r} has {va!r}); on_mismatch='keep_like'")
+                notes.append(
+                    f"{t}: {field} kept as like's {vb!r} (the source {s!r} has {va!r}); on_mismatch='keep_like'"
+                )
             else:
                 problems.append(
                     f"like {t!r}: {field} is {vb!r} but the source {s!r} has {va!r}, which changes the outputs; "
@@ -356,7 +385,8 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
     suggestion: dict[str, Any] = {s: t for s, t, _ in good}
     for p in unpaired_s:  # a unique same-kind, same-shape candidate is worth suggesting; the user reviews it
         cands = [
-            t for t in unpaired_t
+            t
+            for t in unpaired_t
             if tgt.layers[t].kind == src.layers[p].kind and tgt.layers[t].shapes == src.layers[p].shapes
         ]
         suggestion[p] = cands[0] if len(cands) == 1 else None
@@ -378,16 +408,21 @@ def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
             out.append("debias running statistics (equinox mode='batch')")
         if rec.stats_convention == "ema" and tfw == "equinox":
             out.append("flax EMA statistics -> equinox mode='ema', first-time flag cleared")
-        if tfw == "nnx" or sfw == "nnx":
-            out.append("spectral u (1, out) <-> (out,)") if kind == "spectral_norm" else None
+        if cross and kind == "spectral_norm":
+            out.append(
+                "flax power iteration from u -> equinox (u, v)" if tfw == "equinox" else "equinox u, sigma = u W v"
+            )
+        if cross and kind == "weight_norm":
+            out.append("gain per output unit (flax eps 1e-12 under the root, equinox none)")
     return tuple(out)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def pair(source: Any, like: Any, *, mapping: Mapping[str, Any] | None = None, probe: Any = None,
-         call: Any = None) -> list[Pair]:
+def pair(
+    source: Any, like: Any, *, mapping: Mapping[str, Any] | None = None, probe: Any = None, call: Any = None
+) -> list[Pair]:
     """How :func:`convert` pairs ``source``'s layers with ``like``'s: a list of :class:`Pair`.
 
     Same arguments and rules as :func:`convert` (no writing, no verification; hyper-parameter
@@ -397,8 +432,9 @@ def pair(source: Any, like: Any, *, mapping: Mapping[str, Any] | None = None, pr
     """
     plan = _plan(source, like, mapping, probe, call, "keep_like")
     if plan.problems:
-        raise ConversionError("normbridge.pair: cannot pair the layers", problems=plan.problems,
-                              mapping=plan.suggestion)
+        raise ConversionError(
+            "normbridge.pair: cannot pair the layers", problems=plan.problems, mapping=plan.suggestion
+        )
     return _pairs(plan)
 
 
@@ -408,16 +444,23 @@ def _pairs(plan: _Plan) -> list[Pair]:
         a, b = plan.src.layers[s], plan.tgt.layers[t]
         out.append(Pair(s, t, a.kind, how, _transforms(a.kind, a, plan.src.framework, plan.tgt.framework)))
         if a.inner is not None and b.inner is not None:
-            out.append(Pair(a.inner.path, b.inner.path, a.inner.kind, f"wrapped by {s}",
-                            _transforms(a.inner.kind, a.inner, plan.src.framework, plan.tgt.framework)))
+            out.append(
+                Pair(
+                    a.inner.path,
+                    b.inner.path,
+                    a.inner.kind,
+                    f"wrapped by {s}",
+                    _transforms(a.inner.kind, a.inner, plan.src.framework, plan.tgt.framework),
+                )
+            )
     return out
 
 
-def _compare(a: Any, b: Any) -> Any:
-    """The one tree comparison (swap for normbridge.testing.tree_diff when it lands)."""
-    from normbridge.conformance.measure import tree_diff
+def _compare(target_out: Any, source_out: Any) -> Any:
+    """The project's one tree comparison (:func:`normbridge.testing.tree_diff`); the source is the reference."""
+    from normbridge.testing import tree_diff
 
-    return tree_diff(a, b)
+    return tree_diff(target_out, source_out, rtol=0.0, atol=0.0)
 
 
 def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
@@ -425,15 +468,76 @@ def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
     ms, mt = src.spoke.prepare(src.obj, False), tgt.spoke.prepare(target, False)
     ys = src.spoke.runner(ms, src.call)(src.probe)
     yt = tgt.spoke.runner(mt, tgt.call)(tgt.probe)
-    d = _compare(ys, yt)
+    d = _compare(yt, ys)
     bitwise_required = src.framework in FLAX_FAMILY and tgt.framework in FLAX_FAMILY and not reordered
     bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
-    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves.values()):
-        return Verification("eval", False, float("inf"), float("inf"), bound, False, (d.text(),))
-    max_abs = max((x.max_abs for x in d.leaves.values()), default=0.0)
-    worst = tuple(p or "<output>" for p, _ in sorted(d.leaves.items(), key=lambda kv: -kv[1].max_rel)[:3])
-    passed = d.exact() if bitwise_required else d.within(CROSS_RTOL)
-    return Verification("eval", d.exact(), max_abs, d.worst(), bound, passed, worst)
+    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves):
+        return Verification("eval", False, float("inf"), float("inf"), bound, False, d.failing_paths[:3])
+    max_abs = max((x.max_abs for x in d.leaves), default=0.0)
+    max_rel = max((x.norm_rel for x in d.leaves), default=0.0)  # relative to the largest source output
+    worst = (
+        ()
+        if d.bitwise
+        else tuple(x.path or "<output>" for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3] if x.max_abs > 0)
+    )
+    passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
+    return Verification("eval", d.bitwise, max_abs, max_rel, bound, passed, worst)
+
+
+def _eval_why(plan: _Plan) -> list[str]:
+    """Known reasons why eval outputs differ although every pair checked out."""
+    crossing = plan.src.framework == "equinox" and plan.tgt.framework != "equinox"
+    if crossing and any(plan.src.layers[s].kind == "spectral_norm" for s, _, _ in plan.pairs):
+        return [
+            "equinox SpectralNorm uses its stored (u, v) at inference, flax iterates from u on every call: "
+            "they agree only where equinox's power iteration has converged"
+        ]
+    return []
+
+
+def _train_why(plan: _Plan) -> list[str]:
+    """Known reasons why train mode differs although eval mode agrees."""
+    fws = {plan.src.framework, plan.tgt.framework}
+    if (
+        "equinox" in fws
+        and fws != {"equinox"}
+        and any(plan.src.layers[s].kind == "batch_norm" for s, _, _ in plan.pairs)
+    ):
+        return [
+            "equinox BatchNorm mode='ema' normalises with its running statistics in training once they are "
+            "populated, flax-family BatchNorm with the batch's: eval behaviour converts, train behaviour does not"
+        ]
+    return []
+
+
+def _verify_train(plan: _Plan, target: Any, reordered: bool) -> Verification:
+    """One train-mode forward pass on both sides: outputs, and every paired norm layer's updated state."""
+    from normbridge.conversion.base import record_arrays
+
+    src, tgt = plan.src, plan.tgt
+    if src.call is not None or tgt.call is not None:
+        raise ConversionError("verify='train' uses the default call conventions; it cannot run with call= hooks")
+    ys, src_after = src.spoke.train_step(src.obj, src.probe)
+    yt, tgt_after = tgt.spoke.train_step(target, tgt.probe)
+    sl, tl = src.spoke.layers(src_after, src.probe), tgt.spoke.layers(tgt_after, tgt.probe)
+    a: dict[str, Any] = {"output": yt}
+    b: dict[str, Any] = {"output": ys}
+    for s, t, _ in plan.pairs:
+        if src.layers[s].kind not in NORM_KINDS:
+            continue
+        ra, rb = record_arrays(tl[t].record), record_arrays(sl[s].record)
+        for k in sorted(set(ra) & set(rb) - {"count"}):
+            if np.shape(ra[k]) == np.shape(rb[k]) or np.size(ra[k]) == np.size(rb[k]):
+                a[f"{t}/{k}"], b[f"{t}/{k}"] = np.reshape(np.asarray(ra[k]), np.shape(rb[k])), rb[k]
+    d = _compare(a, b)
+    # treex updates statistics with its float32 momentum (1 - m rounds differently): bitwise only linen <-> NNX
+    bitwise_required = {src.framework, tgt.framework} <= {"linen", "nnx"} and not reordered
+    bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
+    max_abs = max((x.max_abs for x in d.leaves), default=0.0)
+    max_rel = max((x.norm_rel for x in d.leaves), default=0.0)
+    worst = () if d.bitwise else tuple(x.path for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3] if x.max_abs > 0)
+    passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
+    return Verification("train (outputs, updated statistics)", d.bitwise, max_abs, max_rel, bound, passed, worst)
 
 
 def convert(
@@ -452,40 +556,63 @@ def convert(
     (or a stateless model), a :mod:`normbridge.adapters.treex` module; native layers or facades.
     ``like`` gives the target's architecture and layer classes (its values are replaced; abstract
     ``eval_shape`` values are fine); the target has ``like``'s structure, and nothing passed in is
-    mutated. ``probe``: an input batch, or ``(probe_for_source, probe_for_like)`` when the two take
-    different layouts (Equinox: channels first); needed to pair by execution order, for linen
+    mutated. ``mapping``: ``{source path: target path}`` pairs that take precedence (``None`` skips
+    a layer; ``"re:<regex>"`` keys; see the module docstring). ``probe``: an input batch, or
+    ``(probe_for_source, probe_for_like)`` when the two take different layouts (Equinox: channels
+    first); needed to pair by execution order, for linen
     models, and to verify. ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the
     default way of calling a model does not apply (``None`` entries keep the default).
     ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise
-    among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``False`` converts unverified
-    (the report says so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters
-    (eps, momentum, groups) differ, keeping like's; the report records it and the measured change.
+    among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``"train"`` also runs one
+    train-mode forward pass on both sides and compares its outputs and every paired norm layer's
+    updated statistics (gradients are not compared); ``False`` converts unverified (the report says
+    so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters (eps, momentum,
+    groups, ``use_fast_variance``, dtype, ...) differ, keeping like's; the report records it and the
+    measured output change.
 
     Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
     mismatched layers; a refused verification with the measured difference).
     """
-    if verify not in (True, False):
-        raise ValueError("verify must be True or False (verify='train' is not implemented yet)")
+    if verify not in (True, False, "train"):
+        raise ValueError(f"verify must be True, False or 'train', got {verify!r}")
     plan = _plan(source, like, mapping, probe, call, on_mismatch)
     src, tgt = plan.src, plan.tgt
     if verify and (src.probe is None or tgt.probe is None):
         plan.problems.append("verify=True needs an input: pass probe= (or verify=False for an unverified conversion)")
     if plan.problems:
         raise ConversionError(
-            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused", problems=plan.problems,
+            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused",
+            problems=plan.problems,
             mapping=plan.suggestion,
         )
     records: dict[str, Any] = {}
+    bridge_problems: list[str] = []
     for s, t, _ in plan.pairs:
         a, b = src.layers[s], tgt.layers[t]
         records[t] = a.record
+        if a.kind in WRAPPER_KINDS and src.spoke.family != tgt.spoke.family:
+            from normbridge.conversion.bridge import wrapper_record
+
+            try:
+                records[t] = wrapper_record(a, b, src.spoke.family)
+            except (ValueError, KeyError, TypeError) as err:
+                bridge_problems.append(f"source {s!r} -> like {t!r}: {err}")
         if a.inner is not None and b.inner is not None:
             records[b.inner.path] = a.inner.record
+    if bridge_problems:
+        raise ConversionError(
+            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused",
+            problems=bridge_problems,
+            mapping=plan.suggestion,
+        )
 
     def adapt(path: str, record: Any, like_record: Any) -> Any:
         if not (isinstance(record, NormRecord) and isinstance(like_record, NormRecord)):
             return record
-        keep = {f: getattr(like_record, f) for f, _, _, f32 in plan.hyper.get(path, ()) if f32 or on_mismatch == "keep_like"}
+        diffs = plan.hyper.get(path, ())
+        keep = {
+            f: getattr(like_record, f) for f, _, _, f32 in diffs if f in _HYPER and (f32 or on_mismatch == "keep_like")
+        }
         return record.replace(**keep) if keep else record
 
     try:
@@ -493,26 +620,52 @@ def convert(
     except ConversionError as err:
         raise ConversionError(
             f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: like's layers cannot hold the "
-            "source's state", problems=err.problems, mapping={s: t for s, t, _ in plan.pairs},
+            "source's state",
+            problems=err.problems,
+            mapping={s: t for s, t, _ in plan.pairs},
         ) from None
     pairs = _pairs(plan)
     verification = None
+    train_check = None
     notes = list(plan.notes)
     if verify:
         # linen and NNX attention natively differ in operation order (~2e-7)
         reordered = any(p.kind == "attention" for p in pairs)
-        verification = _verify(plan, target, reordered)
+        try:
+            verification = _verify(plan, target, reordered)
+        except ConversionError:
+            raise
+        except Exception as err:  # the user's model code failed: say where, don't leak a foreign exception
+            raise ConversionError(
+                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: running the models to verify "
+                f"failed: {type(err).__name__}: {err}",
+                mapping={s: t for s, t, _ in plan.pairs},
+            ) from err
         if not verification.passed and not (on_mismatch == "keep_like" and plan.hyper):
             raise ConversionError(
-                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs differ",
-                problems=[verification.text(), f"worst output paths: {list(verification.worst)}"],
+                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs "
+                "differ",
+                problems=[verification.text(), f"worst output paths: {list(verification.worst)}", *_eval_why(plan)],
                 mapping={s: t for s, t, _ in plan.pairs},
                 measured=verification,
             )
         if not verification.passed:
             notes.append(f"outputs changed by keeping like's hyper-parameters: {verification.text()}")
+        if verify == "train":
+            train = _verify_train(plan, target, reordered)
+            if not train.passed and not (on_mismatch == "keep_like" and plan.hyper):
+                raise ConversionError(
+                    f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: in train mode the converted "
+                    "model differs",
+                    problems=[train.text(), f"worst: {list(train.worst)}", *_train_why(plan)],
+                    mapping={s: t for s, t, _ in plan.pairs},
+                    measured=train,
+                )
+            train_check = train
     else:
         notes.append("unverified (verify=False)")
     skipped = tuple(f"source {p}" for p in src.stateless) + tuple(f"like {p}" for p in tgt.stateless)
-    report = ConversionReport(src.framework, tgt.framework, tuple(pairs), skipped, verification, tuple(notes))
+    report = ConversionReport(
+        src.framework, tgt.framework, tuple(pairs), skipped, verification, tuple(notes), train=train_check
+    )
     return target, report

@@ -70,7 +70,13 @@ def _children(node: Any) -> list[tuple[str, Any]]:
 
 def get_at(node: Any, parts: list[str]) -> Any:
     for p in parts:
-        node = node[int(p)] if isinstance(node, (list, tuple)) else node[p] if isinstance(node, Mapping) else getattr(node, p)
+        node = (
+            node[int(p)]
+            if isinstance(node, (list, tuple))
+            else node[p]
+            if isinstance(node, Mapping)
+            else getattr(node, p)
+        )
     return node
 
 
@@ -157,6 +163,14 @@ class EquinoxSpoke(Spoke):
         y, _ = jax.vmap(model, axis_name=axis, in_axes=(0, None), out_axes=(0, None))(x, state)
         return y
 
+    def train_step(self, obj: Any, x: Any) -> tuple[Any, Any]:
+        model, state = split(self.prepare(obj, True))
+        axis = _axis_name(model)
+        if state is None or not _stateful(model):
+            return jax.vmap(model, axis_name=axis)(x), obj
+        y, new_state = jax.vmap(model, axis_name=axis, in_axes=(0, None), out_axes=(0, None))(x, state)
+        return y, (split(obj)[0], new_state)
+
     def trace(self, obj: Any, probe: Any, call: Callable | None = None) -> list[Call]:
         eqx = _eqx()
         model, state = split(self.prepare(obj, False))
@@ -166,7 +180,10 @@ class EquinoxSpoke(Spoke):
         for path in sorted(known, key=lambda p: -p.count("/")):
             parts = path.split("/")
             model = eqx.tree_at(lambda m, q=parts: get_at(m, q), model, _recording(get_at(model, parts), path, rec))
-        jax.eval_shape(lambda x: self.run((model, state) if state is not None else model, x, False, call), probe)
+        # model and state as arguments: abstract (jax.eval_shape) arrays are fine
+        eqx.filter_eval_shape(
+            lambda m, s, x: self.run((m, s) if s is not None else m, x, False, call), model, state, probe
+        )
         return rec.calls()
 
     def write(self, like: Any, records: Mapping[str, Any], layers: Mapping[str, Layer], adapt: Any = None) -> Any:
@@ -176,6 +193,9 @@ class EquinoxSpoke(Spoke):
 
         model, state = split(like)
         ours = self._walk(like)[0]
+        if state is not None:  # State.set invalidates the State it is called on: work on a clone of like's
+            leaves, treedef = jax.tree_util.tree_flatten(state)
+            state = jax.tree_util.tree_unflatten(treedef, leaves)
         every = dict(ours)
         for layer in ours.values():
             if layer.inner is not None:

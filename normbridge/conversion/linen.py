@@ -116,7 +116,7 @@ class LinenSpoke(Spoke):
         if probe is None:
             raise LookupError("a linen model's layers exist only while it runs: pass probe= (an input batch)")
         nn = _nn()
-        module, variables = split(obj)
+        _, variables = split(obj)
         tr = _Trace()
 
         def intercept(next_fun: Any, args: Any, kwargs: Any, ctx: Any) -> Any:
@@ -146,7 +146,8 @@ class LinenSpoke(Spoke):
             return out
 
         with nn.intercept_methods(intercept):
-            jax.eval_shape(lambda x: self.run(obj, x, False, call), probe)
+            # variables as an argument: abstract (jax.eval_shape) variables are fine
+            jax.eval_shape(lambda v, x: self.run((obj[0], v), x, False, call), variables, probe)
         layers: dict[str, Layer] = {}
         calls: list[Call] = []
         stateless: list[str] = []
@@ -233,6 +234,14 @@ class LinenSpoke(Spoke):
             return y
         return module.apply(variables, x, **kw)
 
+    def train_step(self, obj: Any, x: Any) -> tuple[Any, Any]:
+        module, variables = obj
+        mutable = [c for c in variables if c != "params"]
+        y, updates = module.apply(
+            variables, x, mutable=mutable, rngs={"dropout": jax.random.key(0)}, **flags(module, True)
+        )
+        return y, (module, {**_plain(variables), **_plain(updates)})
+
     def write(self, like: Any, records: Mapping[str, Any], layers: Mapping[str, Layer], adapt: Any = None) -> Any:
         from normbridge.adapters.linen import convert
         from normbridge.errors import ConversionError
@@ -266,7 +275,9 @@ class LinenSpoke(Spoke):
                     sub = {"params": sub}
                 for col, tree in sub.items():
                     new = {"/".join(k): v for k, v in _flatten(tree).items()}
-                    have = {"/".join(k[n:]): v for k, v in flat.get(col, {}).items() if k[:n] == parts and len(k) == n + 1}
+                    have = {
+                        "/".join(k[n:]): v for k, v in flat.get(col, {}).items() if k[:n] == parts and len(k) == n + 1
+                    }
                     found = check_plain(f"{col}/{path}", have, new)
                     problems += found
                     if not found:
@@ -288,4 +299,3 @@ class LinenSpoke(Spoke):
         if problems:
             raise ConversionError("writing the linen target failed", problems=problems)
         return module, {c: _unflatten(f) for c, f in flat.items()}
-

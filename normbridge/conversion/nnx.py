@@ -26,8 +26,13 @@ PLAIN_CLASSES = {
     "Embed": "embed",
     "MultiHeadAttention": "attention",
 }
-_PLAIN_FIELDS = {"dense": ("kernel", "bias"), "dense_general": ("kernel", "bias"), "conv": ("kernel", "bias"),
-                 "conv_transpose": ("kernel", "bias"), "embed": ("embedding",)}
+_PLAIN_FIELDS = {
+    "dense": ("kernel", "bias"),
+    "dense_general": ("kernel", "bias"),
+    "conv": ("kernel", "bias"),
+    "conv_transpose": ("kernel", "bias"),
+    "embed": ("embedding",),
+}
 _HEADS = ("query", "key", "value", "out")
 
 
@@ -111,8 +116,9 @@ class NnxSpoke(Spoke):
                 if isinstance(var, nnx.RngState):
                     continue
                 kind = "param" if isinstance(var, nnx.Param) else "unknown"
-                layers[path] = Layer(path, kind, type(var).__name__, {"value": _value(var)}, node,
-                                     meta={"attr": path.rsplit("/", 1)[-1]})
+                layers[path] = Layer(
+                    path, kind, type(var).__name__, {"value": _value(var)}, node, meta={"attr": path.rsplit("/", 1)[-1]}
+                )
 
         walk(model, "")
         return layers, stateless
@@ -136,6 +142,12 @@ class NnxSpoke(Spoke):
 
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
+
+    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
+        m = self.prepare(model, True)
+        y = m(x)
+        m.eval()
+        return y, m
 
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:
         nnx = _nnx()

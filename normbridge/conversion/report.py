@@ -54,10 +54,13 @@ class ConversionReport:
     skipped: tuple[str, ...] = ()
     verification: Verification | None = None
     notes: tuple[str, ...] = ()
+    #: ``verify="train"``: one train-mode pass, outputs and updated statistics compared (gradients are not).
+    train: Verification | None = None
 
     @property
     def verified(self) -> bool:
-        return self.verification is not None and self.verification.passed
+        ok = self.verification is not None and self.verification.passed
+        return ok and (self.train is None or self.train.passed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +69,7 @@ class ConversionReport:
             "pairs": [p.to_dict() for p in self.pairs],
             "skipped": list(self.skipped),
             "verification": None if self.verification is None else dataclasses.asdict(self.verification),
+            "train": None if self.train is None else dataclasses.asdict(self.train),
             "verified": self.verified,
             "notes": list(self.notes),
         }
@@ -82,5 +86,7 @@ class ConversionReport:
         if self.skipped:
             lines.append(f"  stateless, not paired: {', '.join(self.skipped)}")
         lines.append("  verification: " + ("unverified" if self.verification is None else self.verification.text()))
+        if self.train is not None:
+            lines.append("  verification: " + self.train.text())
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

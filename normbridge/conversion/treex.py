@@ -55,7 +55,13 @@ def _is_array(x: Any) -> bool:
 
 
 def _get(node: Any, key: str) -> Any:
-    return node[int(key)] if isinstance(node, (list, tuple)) else node[key] if isinstance(node, Mapping) else getattr(node, key)
+    return (
+        node[int(key)]
+        if isinstance(node, (list, tuple))
+        else node[key]
+        if isinstance(node, Mapping)
+        else getattr(node, key)
+    )
 
 
 def _put(node: Any, key: str, value: Any) -> None:
@@ -105,8 +111,9 @@ class TreexSpoke(Spoke):
                 elif isinstance(value, (list, tuple, Mapping)):
                     walk(value, path)
                 elif _is_array(value) and prefix is not None:
-                    layers[path] = Layer(path, "param", type(value).__name__, {"value": value}, node,
-                                         meta={"attr": key})
+                    layers[path] = Layer(
+                        path, "param", type(value).__name__, {"value": value}, node, meta={"attr": key}
+                    )
 
         walk(model, "")
         return layers, stateless
@@ -125,6 +132,11 @@ class TreexSpoke(Spoke):
 
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
+
+    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
+        m = self.prepare(model, True)
+        y = m(x)  # treex layers update their statistics in place in train mode
+        return y, m.eval()
 
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:
         m = self.prepare(model, False)

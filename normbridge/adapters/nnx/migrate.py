@@ -246,17 +246,39 @@ def _norm_writes(lpath: str, entry: Mapping[str, Any], npath: str, module: Any, 
     return out
 
 
-def migrate_linen_checkpoint(source: Any, model: Any, *, mapping: Mapping[str, str] | None = None) -> Any:
+def migrate_linen_checkpoint(
+    source: Any,
+    model: Any,
+    *,
+    mapping: Mapping[str, str] | None = None,
+    module: Any = None,
+    probe: Any = None,
+) -> Any:
     """Fill ``model`` (an NNX module) from a linen checkpoint, in place; returns ``model``.
 
     ``source``: a linen ``variables`` dict, a msgpack file written with
     ``flax.serialization.msgpack_serialize(variables)`` or an Orbax directory of ``variables``.
-    ``mapping``: ``{nnx path: linen path}`` for layers that order-based pairing would get
-    wrong (paths ``/``-joined, e.g. ``{'blocks/0/bn': 'Block_0/BatchNorm_1'}``); wrapped
-    layers follow their SpectralNorm/WeightNorm. Raises :class:`MigrationError` listing
-    every unmatched, ambiguous or mismatched path; nothing is written then.
+    ``mapping``: ``{nnx path: linen path}`` (paths ``/``-joined, e.g. ``{'blocks/0/bn': 'Block_0/BatchNorm_1'}``).
+
+    With the linen ``module`` and a ``probe`` input this is :func:`normbridge.convert`: layers are
+    paired by mapping, names, then execution order, and the result is verified by running both
+    models (a :class:`MigrationError` lists every problem). Without them (deprecated) the
+    checkpoint alone is paired by order within each kind, which cannot see same-shaped layers
+    called in another order than linen names them; wrapped layers follow their
+    SpectralNorm/WeightNorm. Either way nothing is written unless everything fits.
     """
     variables = load_linen_variables(source)
+    if module is not None or probe is not None:
+        return _migrate_by_execution(variables, model, mapping, module, probe)
+    import warnings
+
+    warnings.warn(
+        "migrate_linen_checkpoint without module= and probe= pairs layers by order within each kind, which "
+        "can pair same-shaped layers wrongly; pass module= and probe= (or use normbridge.convert), which pairs "
+        "by execution order and verifies outputs",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     unknown_cols = sorted(set(variables) - {"params", "batch_stats"})
     lin = linen_layers(variables)
     ours = nnx_layers(model)
@@ -336,4 +358,20 @@ def migrate_linen_checkpoint(source: Any, model: Any, *, mapping: Mapping[str, s
                 container[key] = value
         else:
             target.set_value(value)
+    return model
+
+
+def _migrate_by_execution(variables: Mapping[str, Any], model: Any, mapping: Any, module: Any, probe: Any) -> Any:
+    """The engine's path: ``normbridge.convert((module, variables), model)``, written into ``model`` in place."""
+    nnx = require("flax.nnx", facade="nnx", extra="nnx")
+    from normbridge.conversion import convert
+
+    if module is None or probe is None:
+        raise TypeError("migrate_linen_checkpoint: pass both module= (the linen module) and probe= (an input batch)")
+    inverted = {linen: ours for ours, linen in (mapping or {}).items()}  # convert's mapping is source -> target
+    try:
+        target, _ = convert((module, variables), model, mapping=inverted, probe=probe)
+    except errors.ConversionError as err:
+        raise MigrationError(f"migrate_linen_checkpoint: {err}") from err
+    nnx.update(model, nnx.state(target))
     return model

@@ -197,3 +197,25 @@ def test_ambiguous_custom_named_layer_needs_mapping(linen_run) -> None:
     assert "unmatched nnx layers ['ln']" in str(err.value)
     model = F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping={"ln": "my_norm"})
     assert np.array_equal(model.ln.scale.get_value(), ckpt["params"]["LayerNorm_0"]["scale"])
+
+
+def test_with_module_and_probe_pairs_by_execution_and_verifies(linen_run) -> None:
+    ckpt, eval_before, _ = linen_run
+    model = NnxNet(nnx.Rngs(42))
+    assert F.migrate_linen_checkpoint(ckpt, model, module=LinenNet(), probe=X) is model
+    model.eval()
+    assert np.array_equal(np.asarray(model(X)), np.asarray(eval_before))
+    # a wrong mapping is caught by the verification, never loaded
+    fresh = NnxNet(nnx.Rngs(3))
+    before = {k: np.asarray(v) for k, (_, v) in flat_state(fresh).items()}
+    with pytest.raises(F.MigrationError, match="outputs differ"):
+        F.migrate_linen_checkpoint(
+            ckpt, fresh, module=LinenNet(), probe=X, mapping={"bn1": "BatchNorm_1", "bn2": "BatchNorm_0"}
+        )
+    after = {k: np.asarray(v) for k, (_, v) in flat_state(fresh).items()}
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_order_pairing_without_module_is_deprecated(linen_run) -> None:
+    with pytest.warns(DeprecationWarning, match="module= and probe="):
+        F.migrate_linen_checkpoint(linen_run[0], NnxNet(nnx.Rngs(0)))

@@ -1,17 +1,19 @@
-"""The test architectures, written once per framework, native layers or facades (``ns``):
+"""The conversion architectures of tests/conversion and ``normbridge check``, once per framework (``ns``:
+native layers or facades):
 
 * ``resnet``: a ResNet in the style of flax's ``examples/imagenet/models.py``: stem ``conv_init`` /
   ``bn_init`` and blocks ``ResNetBlock_N`` (linen sorts the stem after the blocks); every BatchNorm has
   the same shape, so a shifted pairing is invisible to shape checks. The NNX/Equinox blocks *define*
   ``bn2`` before ``bn1`` (definition order is not call order);
-* ``transformer``: a pre-LN encoder block: Embed, LayerNorm, multi-head self-attention, LayerNorm,
-  Dense MLP, final RMSNorm;
+* ``transformer``: a pre-LN encoder block: Embed + a bare ``pos_embedding`` parameter, LayerNorm,
+  multi-head self-attention, LayerNorm, Dense MLP, final RMSNorm;
 * ``sngn``: Conv + GroupNorm + SpectralNorm(Dense) + WeightNorm(Dense);
 * ``mlp``: Dense + BatchNorm + LayerNorm + RMSNorm (treex has no Conv/Embed/attention layers here).
 
-``build(arch, framework, flavor)`` returns ``(model, probe)`` with random, non-trivial state (random
-weights and running statistics, set in each framework's own layout with its own API); Equinox takes
-channels-first images. Tiny shapes keep the suite fast.
+``build(arch, framework, flavor)`` returns the model (in the form ``normbridge.convert`` takes) with
+random, non-trivial state (random weights and running statistics, set in each framework's own layout
+with its own API); ``probe(arch, framework)`` its input (Equinox: channels-first images);
+``outputs`` runs it with the framework's own API. Tiny shapes keep the suite fast.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class LinenTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, ids, train: bool = False):
-        x = nn.Embed(VOCAB, D)(ids)
+        x = nn.Embed(VOCAB, D)(ids) + self.param("pos_embedding", nn.initializers.normal(0.02), (SEQ, D))
         h = self.ns.LayerNorm()(x)
         x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, deterministic=not train)(h)
         h = self.ns.LayerNorm()(x)
@@ -152,6 +154,7 @@ class NnxResNet(nnx.Module):
 class NnxTransformer(nnx.Module):
     def __init__(self, ns: Any, rngs: nnx.Rngs):
         self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.pos_embedding = nnx.Param(jnp.zeros((SEQ, D)))
         self.ln1 = ns.LayerNorm(D, rngs=rngs)
         self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
         self.ln2 = ns.LayerNorm(D, rngs=rngs)
@@ -160,7 +163,7 @@ class NnxTransformer(nnx.Module):
         self.final = ns.RMSNorm(D, rngs=rngs)
 
     def __call__(self, ids):
-        x = self.embed(ids)
+        x = self.embed(ids) + self.pos_embedding[...]
         x = x + self.attn(self.ln1(x))
         x = x + self.down(nnx.gelu(self.up(self.ln2(x))))
         return self.final(x)
@@ -241,6 +244,7 @@ class EqxResNet(eqx.Module):
 
 class EqxTransformer(eqx.Module):
     embed: Any
+    pos_embedding: jax.Array
     ln1: Any
     attn: Any
     ln2: Any
@@ -251,6 +255,7 @@ class EqxTransformer(eqx.Module):
     def __init__(self, ns: Any, key: jax.Array):
         k = jax.random.split(key, 4)
         self.embed = eqx.nn.Embedding(VOCAB, D, key=k[0])
+        self.pos_embedding = jnp.zeros((SEQ, D))
         self.ln1 = ns.LayerNorm(D, eps=1e-6)
         self.attn = eqx.nn.MultiheadAttention(
             HEADS, D, use_query_bias=True, use_key_bias=True, use_value_bias=True, use_output_bias=True, key=k[1]
@@ -261,7 +266,7 @@ class EqxTransformer(eqx.Module):
         self.final = ns.RMSNorm(D, eps=1e-6, use_bias=False)
 
     def __call__(self, ids):
-        x = jax.vmap(self.embed)(ids)
+        x = jax.vmap(self.embed)(ids) + self.pos_embedding
         h = jax.vmap(self.ln1)(x)
         x = x + self.attn(h, h, h)
         h = jax.vmap(self.ln2)(x)
@@ -390,7 +395,7 @@ def build(arch: str, framework: str, flavor: str = "native", seed: int = 0) -> A
         return model, state
     model = TreexMlp().init(jax.random.key(seed), x)
     out = model.copy()
-    for i, (name, layer) in enumerate(sorted(vars(out).items())):
+    for i, (_, layer) in enumerate(sorted(vars(out).items())):
         if not isinstance(layer, T.Module):
             continue
         for field in ("kernel", "bias", "scale", "mean", "var"):
@@ -416,7 +421,9 @@ def outputs(framework: str, model: Any, x: jax.Array) -> np.ndarray:
     """Eval-mode outputs computed with each framework's own API (independent of the engine)."""
     if framework == "linen":
         module, variables = model
-        return np.asarray(module.apply(variables, x, train=False) if "train" in _params(module) else module.apply(variables, x))
+        return np.asarray(
+            module.apply(variables, x, train=False) if "train" in _params(module) else module.apply(variables, x)
+        )
     if framework == "nnx":
         m = nnx.clone(model)
         m.eval()
@@ -438,3 +445,16 @@ def _params(module: Any) -> Any:
     import inspect
 
     return inspect.signature(type(module).__call__).parameters
+
+
+def arrays(framework: str, obj: Any) -> dict[str, np.ndarray]:
+    """Every array of a model by path, read with the framework's own API (for round-trip checks)."""
+    if framework == "linen":
+        tree = obj[1]
+    elif framework == "nnx":
+        tree = nnx.to_pure_dict(nnx.state(obj))
+    elif framework == "equinox":
+        tree = eqx.filter(obj, eqx.is_array)
+    else:
+        tree = obj
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
