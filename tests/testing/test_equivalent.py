@@ -1,6 +1,6 @@
-"""assert_equivalent across frameworks, on the conversion tests' architectures (tests/conversion/models.py):
-a model, and its conversion by ``normbridge.convert`` into another framework, are equivalent — or the
-report names what differs, in both models' own paths.
+"""assert_equivalent across frameworks, on the conversion tests' architectures
+(normbridge/conformance/conversion_models.py): a model, and its conversion by ``normbridge.convert`` into
+another framework, are equivalent — or the report names what differs, in both models' own paths.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import normbridge
+from normbridge.conformance import conversion_models as M
 from normbridge.testing import assert_equivalent, check_equivalent
-from tests.conversion import models as M
 
 
 def _converted(arch: str, source: str, target: str):
