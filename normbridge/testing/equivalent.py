@@ -207,12 +207,12 @@ def _error_leaf(path: str, err: Exception) -> LeafDiff:
 
 
 def _first_bad(path: str, a_out: Any, b_out: Any, checker: _Checker) -> LeafDiff | None:
-    la, lb = tree_paths(b_out), tree_paths(a_out)
-    if set(la) != set(lb):
+    outs_a, outs_b = tree_paths(a_out), tree_paths(b_out)
+    if set(outs_a) != set(outs_b):
         return LeafDiff(path, (), (), "", "", 1, 1, False, text_a="output structure differs")
     worst = None
-    for k in la:
-        d = compare_leaf(f"{path}/{k}" if k else path, lb[k], la[k], rtol=checker.rtol, atol=checker.atol)
+    for k in outs_a:
+        d = compare_leaf(f"{path}/{k}" if k else path, outs_a[k], outs_b[k], rtol=checker.rtol, atol=checker.atol)
         if not d.ok and (worst is None or d.norm_rel > worst.norm_rel):
             worst = d
     return worst
