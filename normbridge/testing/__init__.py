@@ -21,16 +21,18 @@ from normbridge.testing._compare import (
 )
 from normbridge.testing._models import Functional, functional
 from normbridge.testing.equivalent import EquivalenceReport, assert_equivalent, check_equivalent
-from normbridge.testing.pairing import LeafPair, pair_leaves
+from normbridge.testing.pairing import EnginePairing, LeafPair, PathPairing, pairing_for
 from normbridge.testing.report import DiffReport, assert_trees_close, tree_diff
 
 __all__ = [
     "DEFAULT_TOLERANCES",
     "DiffReport",
+    "EnginePairing",
     "EquivalenceReport",
     "Functional",
     "LeafDiff",
     "LeafPair",
+    "PathPairing",
     "Tolerance",
     "assert_equivalent",
     "assert_trees_close",
@@ -39,7 +41,7 @@ __all__ = [
     "compare_pairs",
     "default_tolerance",
     "functional",
-    "pair_leaves",
+    "pairing_for",
     "tree_diff",
     "tree_paths",
     "ulp_distance",

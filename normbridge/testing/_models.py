@@ -35,6 +35,7 @@ class Functional:
     params: Any
     state: Any
     apply: Apply
+    rebuild: Callable[[Any, Any], Any] | None = None  # (params, state) -> the model in its framework's form
 
 
 def _is_linen(model: Any) -> bool:
@@ -90,7 +91,7 @@ def _linen(model: tuple[Any, Any]) -> Functional:
             return y, {**s, **dict(updates)}
         return module.apply({"params": p, **s}, x, **flags), s
 
-    return Functional("linen", params, state, apply)
+    return Functional("linen", params, state, apply, lambda p, s: (module, {"params": p, **s}))
 
 
 def _nnx(model: Any) -> Functional:
@@ -99,12 +100,12 @@ def _nnx(model: Any) -> Functional:
     graphdef, params, state = nnx.split(model, nnx.Param, ...)
 
     def apply(p: Any, s: Any, x: Any, train: bool) -> tuple[Any, Any]:
-        m = nnx.merge(graphdef, p, s)
+        m = nnx.merge(graphdef, p, s, copy=True)
         m.train() if train else m.eval()
         y = m(x)
         return y, nnx.split(m, nnx.Param, ...)[2]
 
-    return Functional("nnx", params, state, apply)
+    return Functional("nnx", params, state, apply, lambda p, s: nnx.merge(graphdef, p, s))
 
 
 def _equinox(model: Any) -> Functional:
@@ -114,13 +115,8 @@ def _equinox(model: Any) -> Functional:
     net, state = model if stateful else (model, None)
     params, static = eqx.partition(net, eqx.is_inexact_array)
     axis_names = {
-        getattr(m, "axis_name", None)
-        for m in jax.tree_util.tree_leaves(net, is_leaf=lambda m: isinstance(m, eqx.Module))
-        if isinstance(m, eqx.Module)
-    }
-    axis_names |= {
-        getattr(m, "axis_name", None)
-        for m in jax.tree_util.tree_flatten(net, is_leaf=lambda m: hasattr(m, "axis_name"))[0]
+        m.axis_name
+        for m in jax.tree_util.tree_leaves(net, is_leaf=lambda m: hasattr(m, "axis_name"))
         if hasattr(m, "axis_name")
     }
     axis_names.discard(None)
@@ -128,13 +124,19 @@ def _equinox(model: Any) -> Functional:
         raise ValueError(f"assert_equivalent: the Equinox model's BatchNorms use several axis names {axis_names}")
     axis_name = next(iter(axis_names), None)
 
+    # a model built with make_with_state may still be called without its (empty) state
+    takes_state = stateful and len(inspect.signature(type(net).__call__).parameters) >= 3
+
     def apply(p: Any, s: Any, x: Any, train: bool) -> tuple[Any, Any]:
         m = eqx.nn.inference_mode(eqx.combine(p, static), value=not train)
-        if stateful:
+        if takes_state:
             return jax.vmap(m, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))(x, s)
         return jax.vmap(m, axis_name=axis_name)(x), s
 
-    return Functional("equinox", params, state if stateful else {}, apply)
+    def rebuild(p: Any, s: Any) -> Any:
+        return (eqx.combine(p, static), s) if stateful else eqx.combine(p, static)
+
+    return Functional("equinox", params, state if stateful else {}, apply, rebuild)
 
 
 def _treex(model: Any) -> Functional:
@@ -149,7 +151,7 @@ def _treex(model: Any) -> Functional:
         y = m(x)
         return y, m.filter(lambda kind: not issubclass(kind, Parameter))
 
-    return Functional("treex", params, state, apply)
+    return Functional("treex", params, state, apply, lambda p, s: model.merge(p, s))
 
 
 def functional(model: Any) -> Functional:

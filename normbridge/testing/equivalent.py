@@ -8,8 +8,8 @@ ones after it:
    inputs — a layer that holds the same values and receives the same input but computes something else
    (a different eps, a different formula) is named by its path;
 2. **eval outputs** on each batch;
-3. **gradients** of ``loss`` (default: mean square of the output) with respect to the input and every
-   parameter, in training mode;
+3. **gradients** of ``loss`` (default: mean square of the output) of the eval computation with respect
+   to the input and every parameter;
 4. for ``train_steps > 0``, each step of the same optax optimizer (default ``optax.sgd(1e-2)``) on the
    batches in turn: training-mode outputs, gradients, then parameters and statistics after the update,
    then eval outputs.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from normbridge.testing._compare import LeafDiff, compare_leaf, tree_paths
 from normbridge.testing._models import Functional, functional
-from normbridge.testing.pairing import LeafPair, pair_leaves
+from normbridge.testing.pairing import LeafPair, pairing_for
 from normbridge.testing.report import DiffReport, _tolerance_text
 
 
@@ -77,18 +78,6 @@ def _mean_square(y: Any) -> jax.Array:
     return sum(jnp.mean(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
 
 
-def _named(f: Functional) -> dict[str, Any]:
-    """The user's paths of a model's parameters and state (linen: with their collection)."""
-    if f.framework == "linen":
-        out = {f"params/{k}" if k else "params": v for k, v in tree_paths(f.params).items()}
-        out.update(tree_paths(f.state))
-        return out
-    out = dict(tree_paths(f.params))
-    for k, v in tree_paths(f.state).items():
-        out[k if k not in out else f"state/{k}"] = v
-    return out
-
-
 class _Checker:
     def __init__(self, pairs: list[LeafPair], names: tuple[str, str], rtol, atol) -> None:
         self.pairs = pairs
@@ -98,13 +87,19 @@ class _Checker:
         self.by_a = {p.path_a: p for p in pairs}
 
     def leaves(
-        self, title: str, la: dict[str, Any], lb: dict[str, Any], paired: bool, prefix: str = "", tree_scale=False
+        self,
+        title: str,
+        la: dict[str, Any],
+        lb: dict[str, Any],
+        paired: bool,
+        prefix: str = "",
+        tree_scale: bool | float = False,
     ) -> DiffReport:
         """Compare two ``{path: leaf}`` dicts; ``paired``: through the parameter pairing (b's paths differ);
         ``prefix`` is put before every reported path (``grad ``, ``after step ``)."""
         out: list[LeafDiff] = []
         only_a, only_b = [], []
-        scale = _tree_scale(lb) if tree_scale else None
+        scale = tree_scale if not isinstance(tree_scale, bool) else (_tree_scale(lb) if tree_scale else None)
         if paired:
             seen_b = set()
             for pa, va in la.items():
@@ -212,25 +207,42 @@ def _error_leaf(path: str, err: Exception) -> LeafDiff:
 
 
 def _first_bad(path: str, a_out: Any, b_out: Any, checker: _Checker) -> LeafDiff | None:
-    la, lb = tree_paths(b_out), tree_paths(a_out)
-    if set(la) != set(lb):
+    outs_a, outs_b = tree_paths(a_out), tree_paths(b_out)
+    if set(outs_a) != set(outs_b):
         return LeafDiff(path, (), (), "", "", 1, 1, False, text_a="output structure differs")
     worst = None
-    for k in la:
-        d = compare_leaf(f"{path}/{k}" if k else path, lb[k], la[k], rtol=checker.rtol, atol=checker.atol)
+    for k in outs_a:
+        d = compare_leaf(f"{path}/{k}" if k else path, outs_a[k], outs_b[k], rtol=checker.rtol, atol=checker.atol)
         if not d.ok and (worst is None or d.norm_rel > worst.norm_rel):
             worst = d
     return worst
 
 
-def _layer_of(path: str, framework: str) -> str:
-    parts = path.split("/")
-    return "/".join(parts[1:-1] if framework == "linen" else parts[:-1])
-
-
 # -- the check ---------------------------------------------------------------------------------------------
 def _batches(inputs: Any) -> list[Any]:
     return list(inputs) if isinstance(inputs, list) else [inputs]
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    """``(x_for_a, x_for_b)``: a pair of arrays when the two models take different layouts, else one array."""
+    if isinstance(batch, tuple) and len(batch) == 2 and all(hasattr(x, "shape") for x in batch):
+        return batch
+    return batch, batch
+
+
+def _layout_perm(xa: Any, xb: Any) -> tuple[int, ...] | None:
+    """The axis permutation that turns ``a``'s input into ``b``'s (e.g. NHWC -> NCHW), None if the same."""
+    if not (hasattr(xa, "shape") and hasattr(xb, "shape")) or xa is xb or np.shape(xa) == np.shape(xb):
+        return None
+    xa, xb = np.asarray(xa), np.asarray(xb)
+    for perm in itertools.permutations(range(xa.ndim)):
+        if np.transpose(xa, perm).shape == xb.shape and np.array_equal(np.transpose(xa, perm), xb):
+            return perm
+    raise ValueError(f"assert_equivalent: the inputs for a {xa.shape} and b {xb.shape} are not one array's layouts")
+
+
+def _to_a_layout(g: Any, perm: tuple[int, ...] | None) -> Any:
+    return g if perm is None else jnp.transpose(g, np.argsort(perm))
 
 
 def assert_equivalent(
@@ -281,10 +293,12 @@ def check_equivalent(
     """:func:`assert_equivalent` without raising: the :class:`EquivalenceReport`."""
     fa, fb = functional(a), functional(b)
     names = (f"a ({fa.framework})", f"b ({fb.framework})")
-    named_a, named_b = _named(fa), _named(fb)
-    pairs, notes = pair_leaves(fa, fb, named_a, named_b, mapping=mapping, models=(a, b))
-    checker = _Checker(pairs, names, rtol, atol)
-    batches = _batches(inputs)
+    batches = [_split(x) for x in _batches(inputs)]
+    pairing = pairing_for(a, b, fa, fb, batches[0], mapping)
+    notes = [pairing.note]
+    checker = _Checker(pairing.pairs, names, rtol, atol)
+    named_a = pairing.values(0, fa, fa.params, fa.state)
+    named_b = pairing.values(1, fb, fb.params, fb.state)
     loss = loss or _mean_square
     checks: list[DiffReport] = []
     planned = ["eval outputs", "gradients"] + [f"training step {k + 1}/{train_steps}" for k in range(train_steps)]
@@ -298,8 +312,8 @@ def check_equivalent(
     # 1. models: values, and (linen) layers replayed on the same inputs
     models = checker.leaves("models: parameters and statistics", named_a, named_b, paired=True)
     if fa.framework == fb.framework == "linen":
-        explained = {_layer_of(p, "linen") for p in models.failing_paths}
-        replayed = _linen_layer_replay(fa, fb, a, b, batches[0], checker)
+        explained = {pairing.layer_of(p, "linen") for p in models.failing_paths}
+        replayed = _linen_layer_replay(fa, fb, a, b, batches[0][0], checker)
         extra = tuple(
             d
             for d in replayed
@@ -307,7 +321,7 @@ def check_equivalent(
         )
         models = dataclasses.replace(models, leaves=models.leaves + extra, title="models: values and layers")
     else:
-        notes.append("layer replay (naming the layer that computes differently) is implemented for linen pairs")
+        notes.append("layer replay (naming the layer that computes differently) runs for two linen models only")
     if (r := done(models, planned)) is not None:
         return r
 
@@ -316,10 +330,10 @@ def check_equivalent(
 
     # 2. eval outputs
     la, lb = {}, {}
-    for i, x in enumerate(batches):
+    for i, (xa, xb) in enumerate(batches):
         tag = "output" if len(batches) == 1 else f"output[batch {i}]"
-        la.update(_outputs(tag, apply_a(fa.params, fa.state, x, False)[0]))
-        lb.update(_outputs(tag, apply_b(fb.params, fb.state, x, False)[0]))
+        la.update(_outputs(tag, apply_a(fa.params, fa.state, xa, False)[0]))
+        lb.update(_outputs(tag, apply_b(fb.params, fb.state, xb, False)[0]))
     if (r := done(checker.leaves("eval outputs", la, lb, paired=False), planned[1:])) is not None:
         return r
 
@@ -329,16 +343,21 @@ def check_equivalent(
 
         opt = optax.sgd(1e-2)
 
-    def make_step(apply: Callable) -> Callable:
-        """One jitted training step: loss, outputs, new statistics, gradients and (with an optimizer) the update."""
+    def make_step(apply: Callable, train: bool = True) -> Callable:
+        """One jitted step: loss, outputs, new statistics, gradients and (with an optimizer, in training) the
+        update; ``train=False``: the gradients of the eval-mode computation, nothing updated."""
 
         def scalar(p, s, x):
-            y, new_state = apply(p, s, x, True)
+            y, new_state = apply(p, s, x, train)
             return loss(y), (y, new_state)
 
         def step(p, s, o, x):
-            (_, (y, new_s)), (gp, gx) = jax.value_and_grad(scalar, argnums=(0, 2), has_aux=True)(p, s, x)
-            if opt is None:
+            if all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jax.tree_util.tree_leaves(x)):
+                (_, (y, new_s)), (gp, gx) = jax.value_and_grad(scalar, argnums=(0, 2), has_aux=True)(p, s, x)
+            else:  # integer inputs (token ids) have no gradient
+                (_, (y, new_s)), gp = jax.value_and_grad(scalar, has_aux=True)(p, s, x)
+                gx = None
+            if opt is None or not train:
                 return y, new_s, gp, gx, p, o
             import optax
 
@@ -349,69 +368,73 @@ def check_equivalent(
 
     step_a, step_b = make_step(fa.apply), make_step(fb.apply)
 
-    def state_named(f: Functional, st: Any) -> dict[str, Any]:
-        return _named(dataclasses.replace(f, params={}, state=st))
+    def state_named(side: int, f: Functional, p: Any, st: Any) -> dict[str, Any]:
+        return pairing.state_only(side, f, p, st)
 
-    def params_named(f: Functional, p: Any) -> dict[str, Any]:
-        return _named(dataclasses.replace(f, params=p, state={}))
+    def params_named(side: int, f: Functional, p: Any) -> dict[str, Any]:
+        return pairing.params_only(side, f, p)
 
-    def forward_report(title: str, ra: tuple, rb: tuple, with_state: bool) -> DiffReport:
-        """Training-mode outputs, input gradient, parameter gradients (and the statistics the step wrote)."""
+    def forward_report(title: str, ra: tuple, rb: tuple, with_state: bool, perm, pa_old=None, pb_old=None):
+        """Outputs (training steps), input gradient, parameter gradients (and the statistics the step wrote)."""
         ya, sa_new, gpa, gxa = ra[:4]
         yb, sb_new, gpb, gxb = rb[:4]
+        grads_a, grads_b = params_named(0, fa, gpa), params_named(1, fb, gpb)
+        gx_a, gx_b = _outputs("grad(input)", gxa), _outputs("grad(input)", _to_a_layout(gxb, perm))
+        # every derivative of the one loss is measured against the largest of them
+        scale = max(_tree_scale(grads_b), _tree_scale(gx_b))
         parts = [
-            checker.leaves(
-                title,
-                {**_outputs("train output", ya), **_outputs("grad(input)", gxa)},
-                {**_outputs("train output", yb), **_outputs("grad(input)", gxb)},
-                paired=False,
-            ),
-            checker.leaves(
-                title, params_named(fa, gpa), params_named(fb, gpb), paired=True, prefix="grad ", tree_scale=True
-            ),
+            checker.leaves(title, _outputs("train output", ya), _outputs("train output", yb), paired=False)
+            if with_state
+            else DiffReport((), names=checker.names, tolerance=checker.tolerance, title=title),
+            checker.leaves(title, gx_a, gx_b, paired=False, tree_scale=scale),
+            checker.leaves(title, grads_a, grads_b, paired=True, prefix="grad ", tree_scale=scale),
         ]
         if with_state:
             parts.append(
                 checker.leaves(
-                    title, state_named(fa, sa_new), state_named(fb, sb_new), paired=True, prefix="after step: "
+                    title,
+                    state_named(0, fa, pa_old, sa_new),
+                    state_named(1, fb, pb_old, sb_new),
+                    paired=True,
+                    prefix="after step: ",
                 )
             )
         return _merge(title, parts)
 
-    # 3. gradients on the first batch (training mode)
-    x0 = batches[0]
+    # 3. gradients of the eval computation on the first batch
+    (xa0, xb0) = batches[0]
+    perms = [_layout_perm(xa, xb) for xa, xb in batches]
+    eval_a = make_step(fa.apply, train=False)(fa.params, fa.state, None, xa0)
+    eval_b = make_step(fb.apply, train=False)(fb.params, fb.state, None, xb0)
+    if (r := done(forward_report("gradients", eval_a, eval_b, False, perms[0]), planned[2:])) is not None:
+        return r
     oa = ob = None
     if opt is not None:
         oa, ob = opt.init(fa.params), opt.init(fb.params)
-    first_a = step_a(fa.params, fa.state, oa, x0)
-    first_b = step_b(fb.params, fb.state, ob, x0)
-    if (r := done(forward_report("gradients", first_a, first_b, False), planned[2:])) is not None:
-        return r
 
     # 4. training: step k is what the optimizer does on batch k
     pa, sa, pb, sb = fa.params, fa.state, fb.params, fb.state
     for k in range(train_steps):
-        x = batches[k % len(batches)]
+        xa, xb = batches[k % len(batches)]
         title = f"training step {k + 1}/{train_steps}"
-        ra = first_a if k == 0 else step_a(pa, sa, oa, x)
-        rb = first_b if k == 0 else step_b(pb, sb, ob, x)
-        fwd = forward_report(title, ra, rb, True)
+        ra, rb = step_a(pa, sa, oa, xa), step_b(pb, sb, ob, xb)
+        fwd = forward_report(title, ra, rb, True, perms[k % len(batches)], pa, pb)
         (sa, pa, oa), (sb, pb, ob) = (ra[1], ra[4], ra[5]), (rb[1], rb[4], rb[5])
         parts = [fwd]
         if fwd:  # the update, then the eval outputs it leads to; a difference before explains those after
             parts.append(
                 checker.leaves(
                     title,
-                    params_named(fa, pa),
-                    params_named(fb, pb),
+                    params_named(0, fa, pa),
+                    params_named(1, fb, pb),
                     paired=True,
                     prefix="after step: ",
                     tree_scale=True,
                 )
             )
         if all(parts):
-            ya = _outputs("eval output after step", apply_a(pa, sa, x, False)[0])
-            yb = _outputs("eval output after step", apply_b(pb, sb, x, False)[0])
+            ya = _outputs("eval output after step", apply_a(pa, sa, xa, False)[0])
+            yb = _outputs("eval output after step", apply_b(pb, sb, xb, False)[0])
             parts.append(checker.leaves(title, ya, yb, paired=False))
         report = next((p for p in parts if not p), None) or _merge(title, parts)
         if (r := done(report, planned[3 + k :])) is not None:
