@@ -1,13 +1,28 @@
-"""``normbridge check``: measure every facade against the installed frameworks, write the matrix."""
+"""The ``normbridge`` command line.
+
+* ``normbridge check``: measure every facade against the installed frameworks, write the matrix.
+* ``normbridge inspect CKPT``: format, framework, layers, shapes, dtypes, sizes, statistics.
+* ``normbridge diff A B``: every leaf of two checkpoints compared (``normbridge.testing`` report).
+* ``normbridge convert SRC -o DST --like PKG.MODULE:FACTORY``: a checkpoint into another framework/format.
+
+Exit codes: 0 ok / equal; 1 the checkpoints differ or a verification failed; 2 bad input
+(unreadable, unsafe or mismatched checkpoint, existing destination, bad factory).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from normbridge.conformance import FACADES
+
+EXIT_OK, EXIT_DIFFER, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -33,13 +48,371 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------------- shared helpers
+class BadInput(Exception):
+    """Exit code 2 with this message (a bad factory, an existing destination, a bad mapping file)."""
+
+
+def _console(args: argparse.Namespace, stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stderr if stderr else sys.stdout, quiet=getattr(args, "quiet", False) and not stderr,
+                   highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, total: int) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar on stderr (hidden with --quiet / --json, or when stderr is not a terminal):
+    ``step(description)`` advances it by one."""
+    if args.quiet or getattr(args, "json", False) or not sys.stderr.isatty():
+        yield lambda _: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=_console(args, stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=total)
+        first = [True]
+
+        def step(description: str) -> None:
+            if not first[0]:
+                bar.advance(task)
+            first[0] = False
+            bar.update(task, description=description)
+
+        yield step
+        bar.advance(task)
+
+
+def _read(path: str, fmt: str | None) -> Any:
+    from normbridge import checkpoint as ck
+
+    return ck.read(path, format=fmt)
+
+
+def load_factory(spec: str) -> Any:
+    """Call ``PKG.MODULE:FACTORY`` with no arguments (the current directory is importable, as with
+    ``python -m``)."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise BadInput(f"{spec!r}: expected PKG.MODULE:FACTORY (e.g. mypkg.models:make_model)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise BadInput(f"{spec!r}: cannot import {mod_name!r} ({err})") from err
+    try:
+        factory = module
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except AttributeError as err:
+        raise BadInput(f"{spec!r}: {mod_name} has no {attr!r}") from err
+    if not callable(factory):
+        raise BadInput(f"{spec!r}: {attr} is not callable")
+    try:
+        return factory()
+    except Exception as err:
+        raise BadInput(f"{spec!r}: calling it with no arguments raised {type(err).__name__}: {err}") from err
+
+
+def _run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """Run a checkpoint command: normbridge's errors and bad input become exit code 2 with one message."""
+    from normbridge.errors import CheckpointError, ConversionError
+
+    try:
+        return command(args)
+    except (CheckpointError, BadInput, FileExistsError) as err:
+        _error(args, err)
+        return EXIT_BAD_INPUT
+    except ConversionError as err:
+        _error(args, err)
+        return EXIT_DIFFER if "verif" in str(err).lower() else EXIT_BAD_INPUT
+
+
+def _error(args: argparse.Namespace, err: BaseException) -> None:
+    kind = type(err).__name__
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": kind, "message": str(err)}))
+    print(f"normbridge {args.command}: {kind}: {err}", file=sys.stderr)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------ inspect
+def inspect_data(path: str, fmt: str | None = None) -> dict[str, Any]:
+    """What ``normbridge inspect --json`` prints."""
+    import numpy as np
+
+    from normbridge.checkpoint.canonical import layers, stats
+
+    ckpt = _read(path, fmt)
+    out_layers = []
+    for layer in layers(ckpt):
+        arrays = []
+        for name, arr in layer.arrays.items():
+            a = np.asarray(arr)
+            arrays.append({"name": name, "shape": list(a.shape), "dtype": a.dtype.name, "size": int(a.size),
+                           "bytes": int(a.nbytes), **stats(a)})
+        out_layers.append({"path": layer.path, "kind": layer.kind, "parameters": layer.count,
+                           "bytes": layer.nbytes, "arrays": arrays})
+    flagged = [f"{ly['path']}/{a['name']}".rstrip("/") for ly in out_layers for a in ly["arrays"]
+               if a.get("nan") or a.get("inf")]
+    return {
+        "file": ckpt.file,
+        "format": ckpt.format,
+        "framework": ckpt.framework,
+        "notes": list(ckpt.notes),
+        "arrays": len(ckpt.leaves),
+        "parameters": sum(ly["parameters"] for ly in out_layers),
+        "bytes": sum(ly["bytes"] for ly in out_layers),
+        "nonfinite": flagged,
+        "layers": out_layers,
+    }
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    data = inspect_data(args.checkpoint, args.format)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    con = _console(args)
+    head = (f"[bold]{escape(data['file'])}[/]: {data['format']}, framework {data['framework'] or 'unknown'}, "
+            f"{data['arrays']} arrays, {data['parameters']:,} parameters, {_fmt_bytes(data['bytes'])}")
+    tree = Tree(head)
+    for note in data["notes"]:
+        tree.add(f"[dim]{escape(note)}[/]")
+    for ly in data["layers"]:
+        node = tree.add(f"[bold]{escape(ly['path'])}[/] {escape(ly['kind'])}  "
+                        f"{ly['parameters']:,} params, {_fmt_bytes(ly['bytes'])}")
+        for a in ly["arrays"]:
+            s = ""
+            if "min" in a:
+                s = f"  min {a['min']:.4g} max {a['max']:.4g} mean {a['mean']:.4g}"
+            if a.get("nan") or a.get("inf"):
+                s += f"  [red bold]NaN {a['nan']} Inf {a['inf']}[/]"
+            node.add(f"{escape(a['name'] or '(array)')}: {a['dtype']}{a['shape']}{s}")
+    con.print(tree)
+    if data["nonfinite"]:
+        con.print(f"[red bold]non-finite values in {len(data['nonfinite'])} arrays:[/] "
+                  + ", ".join(map(escape, data["nonfinite"])))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- diff
+def diff_checkpoints(a: str, b: str, *, rtol: float | None = None, atol: float | None = None,
+                     max_ulp: int | None = None, fmt_a: str | None = None, fmt_b: str | None = None) -> Any:
+    """The :class:`normbridge.testing.DiffReport` of two checkpoints of any formats and frameworks,
+    both under canonical names (:mod:`normbridge.checkpoint.canonical`); ``b`` is the reference."""
+    import dataclasses
+
+    from normbridge.checkpoint.canonical import canonical_leaves
+    from normbridge.testing.report import diff_paths
+
+    ca, cb = _read(a, fmt_a), _read(b, fmt_b)
+    report = diff_paths(canonical_leaves(ca), canonical_leaves(cb), rtol=rtol, atol=atol, max_ulp=max_ulp)
+    return dataclasses.replace(report, names=(a, b))
+
+
+def _diff(args: argparse.Namespace) -> int:
+    report = diff_checkpoints(args.a, args.b, rtol=args.rtol, atol=args.atol, max_ulp=args.ulp,
+                              fmt_a=args.format, fmt_b=args.format_b or args.format)
+    if args.json:
+        print(report.to_json())
+    elif not args.quiet:
+        print(str(report))
+    return EXIT_OK if report.ok else EXIT_DIFFER
+
+
+# ------------------------------------------------------------------------------------------ convert
+def _convert(args: argparse.Namespace) -> int:
+    from normbridge import checkpoint as ck
+    from normbridge.checkpoint import models
+    from normbridge.checkpoint.canonical import canonical_leaves
+    from normbridge.testing.report import diff_paths
+
+    dst = args.output
+    out_fmt = args.format or ck.format_for_path(dst)
+    if os.path.lexists(dst) and not args.overwrite:
+        raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
+    mapping = None
+    if args.map:
+        try:
+            with open(args.map, encoding="utf-8") as fh:
+                mapping = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise BadInput(f"--map {args.map}: not a readable JSON object ({err})") from err
+        if not isinstance(mapping, dict):
+            raise BadInput(f"--map {args.map}: expected a JSON object {{target path: source path}}")
+
+    with _progress(args, 5) as step:
+        step(f"reading {args.src}")
+        src = _read(args.src, args.src_format)
+        step("building the models")
+        like = load_factory(args.like)
+        source_model = load_factory(args.source_model) if args.source_model else None
+        step("loading the checkpoint into the source model")
+        if source_model is not None:
+            source = models.load_into(src, source_model)
+        elif src.obj is not None:  # a treex pickle holds its model
+            source = src.obj
+        else:
+            source = None
+        step("converting")
+        target, how, verified = _convert_models(src, source, like, mapping, verify=not args.no_verify)
+        step(f"writing {dst}")
+        models.write_model(dst, target, out_fmt, overwrite=args.overwrite)
+
+    # What was written must read back as exactly what was converted.
+    written = ck.read(dst)
+    expected = canonical_leaves(_as_checkpoint(target, dst, out_fmt))
+    readback = diff_paths(canonical_leaves(written), expected, rtol=0, atol=0)
+    ok = readback.ok and verified is not False
+    result = {
+        "ok": ok,
+        "source": args.src,
+        "source_format": src.format,
+        "destination": dst,
+        "format": out_fmt,
+        "target_framework": models.framework_of(target),
+        "how": how,
+        "verified": verified,
+        "verification": "verified" if verified else ("failed" if verified is False else "unverified"),
+        "written_equals_converted": readback.ok,
+        "arrays": len(written.leaves),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        con = _console(args)
+        status = {True: "[green]verified[/]", False: "[red]verification FAILED[/]",
+                  None: "[yellow]unverified[/] (no --source-model, or --no-verify)"}[verified]
+        con.print(f"wrote {dst} ({out_fmt}, {result['target_framework']}, {result['arrays']} arrays) "
+                  f"from {args.src} ({src.format}) by {how}; {status}")
+        if not readback.ok:
+            con.print(str(readback))
+    return EXIT_OK if ok else EXIT_DIFFER
+
+
+def _as_checkpoint(model: Any, file: str, fmt: str) -> Any:
+    """The arrays ``write_model`` writes for ``model``, named as reading them back names them."""
+    import tempfile
+
+    from normbridge import checkpoint as ck
+    from normbridge.checkpoint import models
+
+    folder = os.path.dirname(os.path.abspath(file))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".nbcheck-") as tmp:
+        path = os.path.join(tmp, "x")
+        models.write_model(path, model, fmt)
+        return ck.read(path)
+
+
+def _convert_models(src: Any, source: Any, like: Any, mapping: Any, *, verify: bool) -> tuple[Any, str, Any]:
+    """``(target, how, verified)``: through ``normbridge.convert`` when the engine is present; else the
+    per-layer paths that exist (same framework: load by path; linen → NNX; treex → Equinox)."""
+    from normbridge.checkpoint import models
+
+    to_fw = models.framework_of(like)
+    if source is None:
+        # No source model: the file must already be in the target's layout (a format change only).
+        return models.load_into(src, like), "loading the file's arrays by path into --like", None
+    from_fw = models.framework_of(source)
+    engine = _engine()
+    if engine is not None:
+        target, report = engine(source, like, mapping=mapping, verify=verify)
+        verified = getattr(report, "verified", None) if verify else None
+        return target, "normbridge.convert", verified
+    if from_fw == to_fw:
+        # Same framework: pairing by path (no guess); the models differ in nothing the file holds.
+        return models.load_into(_as_checkpoint(source, src.file, _native_format(source)), like), "paths", None
+    if from_fw == "linen" and to_fw == "nnx":
+        import copy
+
+        from normbridge.adapters.nnx import migrate_linen_checkpoint
+
+        return migrate_linen_checkpoint(source[1], copy.deepcopy(like), mapping=mapping), \
+            "migrate_linen_checkpoint", None
+    if from_fw == "treex" and to_fw == "equinox":
+        from normbridge.adapters.treex import to_equinox
+
+        return to_equinox(source), "treex.to_equinox", None
+    from normbridge.errors import ConversionError
+
+    raise ConversionError(f"{from_fw} -> {to_fw}: needs normbridge.convert (the conversion engine), "
+                          "which this installation does not have")
+
+
+def _engine() -> Any:
+    import normbridge
+
+    return getattr(normbridge, "convert", None)
+
+
+def _native_format(model: Any) -> str:
+    from normbridge.checkpoint import models
+
+    return {"linen": "msgpack", "nnx": "msgpack", "equinox": "equinox", "treex": "msgpack"}[
+        models.framework_of(model)]
+
+
+# --------------------------------------------------------------------------------------------- main
+#: normbridge.checkpoint.FORMATS, spelled out so that ``check`` imports no jax before it sets XLA_FLAGS
+#: (tests/test_cli.py checks the two agree).
+FORMATS = ("orbax", "msgpack", "eqx-leaves", "equinox", "safetensors", "pickle", "npz")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="normbridge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="normbridge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="run the conformance checks and write compat_matrix.md")
     check.add_argument("--output", "-o", default="compat_matrix.md", help="where to write the matrix")
     check.add_argument("--facade", action="append", choices=FACADES, help="only these facades (repeatable)")
+
+    fmt_help = "the format, instead of detecting it from the content: " + ", ".join(FORMATS)
+    ins = sub.add_parser("inspect", help="format, framework, layers, shapes, dtypes, sizes and statistics")
+    ins.add_argument("checkpoint")
+    ins.add_argument("--format", choices=FORMATS, help=fmt_help)
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--quiet", "-q", action="store_true", help="print nothing (exit code only)")
+
+    dif = sub.add_parser("diff", help="compare every array of two checkpoints (exit 1 when they differ)")
+    dif.add_argument("a")
+    dif.add_argument("b", help="the reference")
+    dif.add_argument("--rtol", type=float)
+    dif.add_argument("--atol", type=float)
+    dif.add_argument("--ulp", type=int, help="match within this many ulps")
+    dif.add_argument("--format", choices=FORMATS, help=fmt_help + " (both files)")
+    dif.add_argument("--format-b", choices=FORMATS, help="the format of B when it differs from --format")
+    dif.add_argument("--json", action="store_true")
+    dif.add_argument("--quiet", "-q", action="store_true")
+
+    con = sub.add_parser("convert", help="convert a checkpoint to another framework and/or format")
+    con.add_argument("src")
+    con.add_argument("-o", "--output", required=True, help="destination; its extension picks the format")
+    con.add_argument("--like", required=True, metavar="PKG.MODULE:FACTORY",
+                     help="a function returning a model of the target architecture")
+    con.add_argument("--source-model", metavar="PKG.MODULE:FACTORY",
+                     help="a function returning a model of the source architecture (to verify the conversion)")
+    con.add_argument("--map", metavar="mapping.json", help="{target path: source path} for layers to pair")
+    con.add_argument("--no-verify", action="store_true", help="do not run both models to compare them")
+    con.add_argument("--format", choices=FORMATS, help="the output format, instead of DST's extension")
+    con.add_argument("--src-format", choices=FORMATS, help="the input format, instead of detecting it")
+    con.add_argument("--overwrite", action="store_true", help="replace an existing destination (atomically)")
+    con.add_argument("--json", action="store_true")
+    con.add_argument("--quiet", "-q", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args)
-    return 2  # pragma: no cover
+    commands = {"inspect": _inspect, "diff": _diff, "convert": _convert}
+    return _run(args, commands[args.command])

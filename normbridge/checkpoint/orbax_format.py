@@ -5,6 +5,7 @@ directory renamed when complete), into a temporary name in the destination's fol
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,9 @@ def read(directory: str) -> Checkpoint:
         raise CorruptCheckpointError("not an Orbax checkpoint directory", file=directory,
                                      expected=f"a directory with one of {list(MARKERS)}",
                                      found="a file" if os.path.exists(directory) else "nothing")
-    with guard(directory, "Orbax checkpoint"):
+    with guard(directory, "Orbax checkpoint"), warnings.catch_warnings():
+        # "Sharding info not provided": arrays are restored as host numpy arrays, on purpose
+        warnings.filterwarnings("ignore", message="Sharding info not provided", category=UserWarning)
         tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(directory))
         leaves = {k: np.asarray(v) for k, v in flatten(tree).items()}
     return Checkpoint(directory, FORMAT, leaves, tree, guess_framework(leaves))
