@@ -177,39 +177,48 @@ def load_into(ckpt: Checkpoint, model: Any) -> Any:
             raise CheckpointMismatchError(str(err), file=file) from err
 
 
-def write_model(dst: str, model: Any, fmt: str, *, overwrite: bool = False) -> None:
-    """Write ``model``'s arrays to ``dst`` as ``fmt``, atomically (see :func:`framework_of`)."""
+def write_model(dst: str, model: Any, fmt: str, *, overwrite: bool = False) -> dict[str, np.ndarray]:
+    """Write ``model``'s arrays to ``dst`` as ``fmt``, atomically (see :func:`framework_of`); returns
+    ``{path: array}`` as reading ``dst`` back must give it (to check the write)."""
+    written = _write_model(dst, model, fmt, overwrite=overwrite)
+    return {k: np.asarray(v) for k, v in written.items()}
+
+
+def _write_model(dst: str, model: Any, fmt: str, *, overwrite: bool) -> dict[str, Any]:
     from normbridge import checkpoint as ck
 
     dst = os.fspath(dst)
     fw = framework_of(model)
     if fw == "treex":
-        if fmt in ("pickle", "cloudpickle", "msgpack", "npz"):
-            treex.write_module(dst, model, fmt, overwrite=overwrite)
-            return
         from normbridge.adapters import treex as tx
 
-        ck.write_tree(dst, tx.state_dict(model), fmt, overwrite=overwrite)
-        return
+        if fmt in ("pickle", "cloudpickle", "msgpack", "npz"):
+            treex.write_module(dst, model, fmt, overwrite=overwrite)
+        else:
+            ck.write_tree(dst, tx.state_dict(model), fmt, overwrite=overwrite)
+        return flatten(tx.state_dict(model))
     if fw == "equinox":
         like, state = model if isinstance(model, tuple) else (model, None)
+        from normbridge.adapters.equinox import checkpoint as eqx_ckpt
+
+        named = eqx_ckpt._named_leaves(like, state)
         if fmt == equinox_named.FORMAT:
             equinox_named.write(dst, like, state, overwrite=overwrite)
-        elif fmt == eqx_leaves.FORMAT:
+            return dict(named)
+        if fmt == eqx_leaves.FORMAT:
             eqx_leaves.write(dst, like if state is None else (like, state), overwrite=overwrite)
-        else:
-            raise CheckpointError(f"an Equinox model is written as {equinox_named.FORMAT!r} (.nbeqx) or "
-                                  f"{eqx_leaves.FORMAT!r} (.eqx), not {fmt!r}", file=dst)
-        return
+            return {str(i): leaf for i, (_, leaf) in enumerate(named)}
+        raise CheckpointError(f"an Equinox model is written as {equinox_named.FORMAT!r} (.nbeqx) or "
+                              f"{eqx_leaves.FORMAT!r} (.eqx), not {fmt!r}", file=dst)
     if fw == "nnx":
         from flax import nnx
 
         state = nnx.state(model)
         if fmt == orbax_format.FORMAT:
             orbax_format.write(dst, state, overwrite=overwrite)
-        else:
-            ck.write_tree(dst, nnx.to_pure_dict(state), fmt, overwrite=overwrite)
-        return
+            return {f"{k}/value": v for k, v in flatten(nnx.to_pure_dict(state)).items()}
+        ck.write_tree(dst, nnx.to_pure_dict(state), fmt, overwrite=overwrite)
+        return flatten(nnx.to_pure_dict(state))
     _, variables = model
     if fmt == "pickle":
         raise CheckpointError("a pickle holds a treex module; write linen variables as msgpack or orbax", file=dst)
@@ -217,3 +226,4 @@ def write_model(dst: str, model: Any, fmt: str, *, overwrite: bool = False) -> N
         flax_msgpack.write(dst, dict(variables), overwrite=overwrite)
     else:
         ck.write_tree(dst, dict(variables), fmt, overwrite=overwrite)
+    return flatten(dict(variables))
