@@ -70,4 +70,30 @@ class CheckpointMismatchError(CheckpointError):
 
 
 class ConversionError(ValueError):
-    """A model conversion was refused; the message lists every problem, one per line."""
+    """A model conversion was refused; the message lists every problem, one per line.
+
+    ``problems``: every problem found, one string each (both sides' paths, what was expected and
+    what was found). ``mapping``: a ready-to-paste ``mapping=`` for ``normbridge.convert`` with the
+    pairs that could be inferred (``None`` when there is nothing to suggest). ``measured``: the
+    verification result (max output difference, worst output paths) when verification refused.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        problems: list[str] | tuple[str, ...] = (),
+        mapping: dict[str, str | None] | None = None,
+        measured: object = None,
+    ) -> None:
+        self.problems = list(problems)
+        self.mapping = mapping
+        self.measured = measured
+        text = message
+        if self.problems:
+            text += f" ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"
+            text += "".join(f"\n  - {p}" for p in self.problems)
+        if mapping:
+            body = "".join(f"\n    {k!r}: {v!r}," for k, v in mapping.items())
+            text += f"\nmapping inferred so far (source path: target path), to review and pass as mapping=:\n  {{{body}\n  }}"
+        super().__init__(text)

@@ -1,0 +1,519 @@
+"""The conversion engine: list both models' layers (spokes), pair them, write, verify.
+
+Pairing, in this order, each pair checked before it is accepted:
+
+1. ``mapping``: ``{source path: target path}`` (``None`` skips the layer; a key ``"re:<regex>"``
+   matches whole source paths and its value is a ``re`` template, ``r"blocks/\\1"``). A key that is
+   only a target path with value ``None`` skips that target layer.
+2. equal names after each framework's naming rules (:func:`~normbridge.conversion.base.normalized_name`),
+   when the name is unique on both sides and the kinds agree;
+3. execution order: both models run once abstractly on the probe; the k-th call of each kind in the
+   source is paired with the k-th in the target.
+
+Every pair must agree in kind, parameter shapes and (where both were called) activation shapes.
+Definition order is never used. Anything unpaired, conflicting or disagreeing is one
+:class:`~normbridge.errors.ConversionError` listing every problem and a suggested ``mapping``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from normbridge.conversion.base import (
+    FLAX_FAMILY,
+    NORM_KINDS,
+    WRAPPER_KINDS,
+    Call,
+    Layer,
+    Spoke,
+    normalized_name,
+    record_shapes,
+)
+from normbridge.conversion.report import ConversionReport, Pair, Verification
+from normbridge.core import NormRecord
+from normbridge.errors import ConversionError
+
+#: Output bound where the two frameworks' layers do not run the same operations in the same order
+#: (Equinox vs the flax family; attention between linen and NNX): relative to max |source output|.
+#: The native libraries differ by about 1e-7 relative on the test architectures (measured in
+#: tests/conversion); a mispaired or wrongly transposed layer shows up as 1e-2 or more.
+CROSS_RTOL = 1e-5
+
+
+# --------------------------------------------------------------------------- frameworks
+
+
+def framework_of(obj: Any) -> str:
+    """``"linen"``, ``"nnx"``, ``"equinox"`` or ``"treex"`` for what the user passed (see :func:`convert`)."""
+    model = obj[0] if isinstance(obj, tuple) and len(obj) == 2 else obj
+    for cls in type(model).__mro__:
+        mod = cls.__module__ or ""
+        if mod.startswith("normbridge.adapters.treex") and cls.__name__ == "Module":
+            return "treex"
+        if mod.startswith("flax.linen"):
+            if not (isinstance(obj, tuple) and len(obj) == 2):
+                raise ConversionError(f"a linen model is passed as (module, variables); got a bare {type(model).__name__}")
+            return "linen"
+        if mod.startswith("flax.nnx"):
+            return "nnx"
+        if mod.startswith("equinox"):
+            return "equinox"
+    raise ConversionError(
+        f"{type(model).__name__} is not a model of a supported framework: pass linen (module, variables), an NNX "
+        "module, Equinox (model, state) or a normbridge.adapters.treex module"
+    )
+
+
+def spoke_for(framework: str) -> Spoke:
+    if framework == "linen":
+        from normbridge.conversion.linen import LinenSpoke
+
+        return LinenSpoke()
+    if framework == "nnx":
+        from normbridge.conversion.nnx import NnxSpoke
+
+        return NnxSpoke()
+    if framework == "equinox":
+        from normbridge.conversion.equinox import EquinoxSpoke
+
+        return EquinoxSpoke()
+    from normbridge.conversion.treex import TreexSpoke
+
+    return TreexSpoke()
+
+
+def _split_probe(probe: Any) -> tuple[Any, Any]:
+    if isinstance(probe, tuple) and len(probe) == 2 and all(hasattr(p, "shape") for p in probe):
+        return probe
+    return probe, probe
+
+
+# --------------------------------------------------------------------------- one side
+
+
+@dataclasses.dataclass
+class _Side:
+    label: str  # "source" / "like"
+    framework: str
+    spoke: Spoke
+    obj: Any
+    probe: Any
+    call: Callable | None
+    layers: dict[str, Layer]
+    calls: list[Call] | None
+    stateless: list[str]
+
+    @property
+    def order(self) -> dict[str, int]:
+        return {c.path: i for i, c in enumerate(self.calls or [])}
+
+    @property
+    def by_path(self) -> dict[str, Call]:
+        return {c.path: c for c in self.calls or []}
+
+
+def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: list[str]) -> _Side:
+    fw = framework_of(obj)
+    spoke = spoke_for(fw)
+    layers: dict[str, Layer] = {}
+    calls = None
+    stateless: list[str] = []
+    try:
+        layers = spoke.layers(obj, probe, call)
+        stateless = spoke.stateless(obj, probe, call)
+        if probe is not None:
+            calls = spoke.trace(obj, probe, call)
+    except LookupError as err:
+        problems.append(f"{label} ({fw}): {err}")
+    except ConversionError:
+        raise
+    except Exception as err:  # the user's model code failed on the probe: report, don't leak
+        problems.append(f"{label} ({fw}): running the model on the probe failed: {type(err).__name__}: {err}")
+    if probe is not None and calls is not None and not calls and layers:
+        problems.append(
+            f"{label} ({fw}): the probe run recorded no layer calls (does the call hook copy the model?); "
+            "pairing by execution order is impossible"
+        )
+    return _Side(label, fw, spoke, obj, probe, call, layers, calls, stateless)
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+def _apply_mapping(
+    src: _Side, tgt: _Side, mapping: Mapping[str, Any], problems: list[str]
+) -> tuple[list[tuple[str, str, str]], set[str], set[str]]:
+    pairs: list[tuple[str, str, str]] = []
+    skip_s: set[str] = set()
+    skip_t: set[str] = set()
+    for key, value in mapping.items():
+        if key.startswith("re:"):
+            rx = re.compile(key[3:])
+            hits = [p for p in src.layers if rx.fullmatch(p)]
+            if not hits:
+                problems.append(f"mapping: pattern {key!r} matches no source layer")
+            for p in hits:
+                if value is None:
+                    skip_s.add(p)
+                else:
+                    pairs.append((p, rx.fullmatch(p).expand(value), "mapping"))
+            continue
+        if key in src.layers:
+            if value is None:
+                skip_s.add(key)
+                if key in tgt.layers:
+                    skip_t.add(key)
+            else:
+                pairs.append((key, value, "mapping"))
+        elif value is None and key in tgt.layers:
+            skip_t.add(key)
+        else:
+            problems.append(f"mapping: {key!r} is not a layer of the source (source layers: {sorted(src.layers)})")
+    for s, t, _ in list(pairs):
+        if t not in tgt.layers:
+            problems.append(f"mapping: {s!r} -> {t!r}: {t!r} is not a layer of like (like's layers: {sorted(tgt.layers)})")
+            pairs.remove((s, t, "mapping"))
+    return pairs, skip_s, skip_t
+
+
+def _name_pairs(src: _Side, tgt: _Side, free_s: list[str], free_t: list[str]) -> list[tuple[str, str, str]]:
+    def index(side: _Side, free: list[str]) -> dict[str, str]:
+        names = collections.Counter(normalized_name(p, side.framework) for p in free)
+        return {normalized_name(p, side.framework): p for p in free if names[normalized_name(p, side.framework)] == 1}
+
+    ns, nt = index(src, free_s), index(tgt, free_t)
+    out = []
+    for name in sorted(set(ns) & set(nt)):
+        s, t = ns[name], nt[name]
+        if src.layers[s].kind == tgt.layers[t].kind and src.layers[s].kind != "unknown":
+            out.append((s, t, "name"))
+    return out
+
+
+def _order_pairs(src: _Side, tgt: _Side, free_s: list[str], free_t: list[str]) -> list[tuple[str, str, str]]:
+    if src.calls is None or tgt.calls is None:
+        return []
+    os_, ot = src.order, tgt.order
+    out = []
+    kinds = sorted({src.layers[p].kind for p in free_s} | {tgt.layers[p].kind for p in free_t})
+    for kind in kinds:
+        if kind in ("unknown", "param"):
+            continue
+        ss = sorted((p for p in free_s if src.layers[p].kind == kind and p in os_), key=os_.__getitem__)
+        ts = sorted((p for p in free_t if tgt.layers[p].kind == kind and p in ot), key=ot.__getitem__)
+        out += [(s, t, "execution order") for s, t in zip(ss, ts)]
+    return out
+
+
+def _activation_ok(a: tuple[int, ...] | None, b: tuple[int, ...] | None, same_family: bool) -> bool:
+    if a is None or b is None:
+        return True
+    if same_family:
+        return tuple(a) == tuple(b)
+    # Equinox sees one example, channels first (and maybe further vmapped): its dims must be among
+    # the flax side's per-example dims.
+    flax, eqx = (a, b) if len(a) >= len(b) else (b, a)
+    return not (collections.Counter(eqx) - collections.Counter(flax[1:] if len(flax) > len(eqx) else flax))
+
+
+def _norm_sizes(layer: Layer) -> dict[str, int]:
+    rec = layer.record
+    if not isinstance(rec, NormRecord):
+        return {}
+    return {k: int(np.size(v)) for k in ("scale", "bias", "mean", "var") if (v := getattr(rec, k)) is not None}
+
+
+def _check_pair(src: _Side, tgt: _Side, s: str, t: str) -> list[str]:
+    a, b = src.layers[s], tgt.layers[t]
+    where = f"source {s!r} ({src.framework} {a.cls}) -> like {t!r} ({tgt.framework} {b.cls})"
+    if a.kind != b.kind:
+        return [f"{where}: kinds differ ({a.kind} vs {b.kind})"]
+    problems = []
+    if a.kind in NORM_KINDS:
+        if a.record is None or b.record is None:
+            problems.append(f"{where}: a stateful layer without its state (pass (model, state))")
+        else:
+            sa, sb = _norm_sizes(a), _norm_sizes(b)
+            for k in sorted(set(sa) & set(sb)):
+                if sa[k] != sb[k]:
+                    problems.append(f"{where}: {k} has {sa[k]} features in the source, {sb[k]} in like")
+        if a.kind in WRAPPER_KINDS:
+            if (a.inner is None) != (b.inner is None):
+                problems.append(f"{where}: only one side wraps a layer")
+            elif a.inner is not None:
+                if a.inner.kind != b.inner.kind:
+                    problems.append(f"{where}: wrapped layers differ ({a.inner.kind} vs {b.inner.kind})")
+                elif record_shapes(a.inner.record) != record_shapes(b.inner.record):
+                    problems.append(
+                        f"{where}: wrapped layer shapes differ: {record_shapes(a.inner.record)} vs "
+                        f"{record_shapes(b.inner.record)}"
+                    )
+    elif a.kind == "unknown":
+        problems.append(f"{where}: layer kind unknown to normbridge; skip it with mapping={{{s!r}: None}}")
+    elif record_shapes(a.record) != record_shapes(b.record):
+        problems.append(f"{where}: parameter shapes differ: source {record_shapes(a.record)}, like {record_shapes(b.record)}")
+    ca, cb = src.by_path.get(s), tgt.by_path.get(t)
+    if ca is not None and cb is not None:
+        same = src.spoke.family == tgt.spoke.family
+        if not _activation_ok(ca.in_shape, cb.in_shape, same) or not _activation_ok(ca.out_shape, cb.out_shape, same):
+            problems.append(
+                f"{where}: activation shapes differ: source {ca.in_shape} -> {ca.out_shape}, "
+                f"like {cb.in_shape} -> {cb.out_shape}"
+            )
+    return problems
+
+
+_HYPER = {"epsilon": {"equinox": "eps"}, "momentum": {}, "num_groups": {"equinox": "groups"}}
+
+
+def _hyper_diffs(a: Layer, b: Layer) -> list[tuple[str, Any, Any, bool]]:
+    """``(field, source value, like value, equal at float32)`` for every differing hyper-parameter."""
+    out = []
+    if not (isinstance(a.record, NormRecord) and isinstance(b.record, NormRecord)):
+        return out
+    for field in _HYPER:
+        va, vb = getattr(a.record, field), getattr(b.record, field)
+        if va is None or vb is None or va == vb:
+            continue
+        f32 = isinstance(va, float) and isinstance(vb, float) and np.float32(va) == np.float32(vb)
+        out.append((field, va, vb, bool(f32)))
+    return out
+
+
+@dataclasses.dataclass
+class _Plan:
+    src: _Side
+    tgt: _Side
+    pairs: list[tuple[str, str, str]]
+    problems: list[str]
+    notes: list[str]
+    suggestion: dict[str, Any]
+    hyper: dict[str, list[tuple[str, Any, Any, bool]]]
+
+
+def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any, call: Any, on_mismatch: str) -> _Plan:
+    if on_mismatch not in ("refuse", "keep_like"):
+        raise ValueError(f"on_mismatch must be 'refuse' or 'keep_like', got {on_mismatch!r}")
+    problems: list[str] = []
+    notes: list[str] = []
+    sprobe, tprobe = _split_probe(probe)
+    scall, tcall = call if call is not None else (None, None)
+    src = _side("source", source, sprobe, scall, problems)
+    tgt = _side("like", like, tprobe, tcall, problems)
+    pairs, skip_s, skip_t = _apply_mapping(src, tgt, dict(mapping or {}), problems)
+    used_s = {s for s, _, _ in pairs} | skip_s
+    used_t = {t for _, t, _ in pairs} | skip_t
+    for step in (_name_pairs, _order_pairs):
+        free_s = [p for p in src.layers if p not in used_s]
+        free_t = [p for p in tgt.layers if p not in used_t]
+        found = step(src, tgt, free_s, free_t)
+        pairs += found
+        used_s |= {s for s, _, _ in found}
+        used_t |= {t for _, t, _ in found}
+    for counts in (collections.Counter(s for s, _, _ in pairs), collections.Counter(t for _, t, _ in pairs)):
+        for p, n in counts.items():
+            if n > 1:
+                problems.append(f"{p!r} is paired {n} times: {[x for x in pairs if p in x[:2]]}")
+    good: list[tuple[str, str, str]] = []
+    hyper: dict[str, list[tuple[str, Any, Any, bool]]] = {}
+    for s, t, how in pairs:
+        found = _check_pair(src, tgt, s, t)
+        problems += [f"{f} [paired by {how}]" for f in found]
+        if found:
+            continue
+        good.append((s, t, how))
+        diffs = _hyper_diffs(src.layers[s], tgt.layers[t])
+        if diffs:
+            hyper[t] = diffs
+        for field, va, vb, f32 in diffs:
+            param = _HYPER[field].get(tgt.framework, field)
+            if f32:
+                notes.append(f"{t}: {field} {vb!r} taken for the source's {va!r} (equal at float32, treex's precision)")
+            elif on_mismatch == "keep_like":
+                notes.append(f"{t}: {field} kept as like's {vb!r} (the source {s!r} has {va!r}); on_mismatch='keep_like'")
+            else:
+                problems.append(
+                    f"like {t!r}: {field} is {vb!r} but the source {s!r} has {va!r}, which changes the outputs; "
+                    f"fix like: build {tgt.layers[t].cls}(..., {param}={va!r}) (or pass on_mismatch='keep_like')"
+                )
+    unpaired_s = [p for p in src.layers if p not in used_s]
+    unpaired_t = [p for p in tgt.layers if p not in used_t]
+    hint = "" if src.calls is not None and tgt.calls is not None else "; pass probe= to pair by execution order"
+    for p in unpaired_s:
+        layer = src.layers[p]
+        what = "layer kind unknown to normbridge" if layer.kind == "unknown" else f"{layer.kind} {layer.shapes}"
+        problems.append(f"source {p!r} ({layer.cls}: {what}) is not paired with any layer of like{hint}")
+    for p in unpaired_t:
+        layer = tgt.layers[p]
+        what = "layer kind unknown to normbridge" if layer.kind == "unknown" else f"{layer.kind} {layer.shapes}"
+        problems.append(f"like {p!r} ({layer.cls}: {what}) is not paired with any layer of the source{hint}")
+    suggestion: dict[str, Any] = {s: t for s, t, _ in good}
+    for p in unpaired_s:  # a unique same-kind, same-shape candidate is worth suggesting; the user reviews it
+        cands = [
+            t for t in unpaired_t
+            if tgt.layers[t].kind == src.layers[p].kind and tgt.layers[t].shapes == src.layers[p].shapes
+        ]
+        suggestion[p] = cands[0] if len(cands) == 1 else None
+    return _Plan(src, tgt, good, problems, notes, suggestion, hyper)
+
+
+def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
+    out = []
+    cross = (sfw == "equinox") != (tfw == "equinox")
+    if cross and kind == "dense":
+        out.append("transpose weight (out, in) <-> kernel (in, out)")
+    if cross and kind in ("conv", "conv_transpose"):
+        out.append("transpose OIHW <-> HWIO; bias (out, 1, ..) <-> (out,)")
+    if cross and kind == "attention":
+        out.append("q/k/v (H*Dh, D) <-> (D, H, Dh), out (D, H*Dh) <-> (H, Dh, D)")
+    rec = a.record
+    if isinstance(rec, NormRecord):
+        if rec.stats_convention == "zero_debiased" and tfw != "equinox":
+            out.append("debias running statistics (equinox mode='batch')")
+        if rec.stats_convention == "ema" and tfw == "equinox":
+            out.append("flax EMA statistics -> equinox mode='ema', first-time flag cleared")
+        if tfw == "nnx" or sfw == "nnx":
+            out.append("spectral u (1, out) <-> (out,)") if kind == "spectral_norm" else None
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def pair(source: Any, like: Any, *, mapping: Mapping[str, Any] | None = None, probe: Any = None,
+         call: Any = None) -> list[Pair]:
+    """How :func:`convert` pairs ``source``'s layers with ``like``'s: a list of :class:`Pair`.
+
+    Same arguments and rules as :func:`convert` (no writing, no verification; hyper-parameter
+    differences are not problems here). Raises :class:`~normbridge.errors.ConversionError` listing
+    every layer that cannot be paired, with a suggested ``mapping``. Wrapped layers of
+    SpectralNorm/WeightNorm follow their wrapper (``how="wrapped by <path>"``).
+    """
+    plan = _plan(source, like, mapping, probe, call, "keep_like")
+    if plan.problems:
+        raise ConversionError("normbridge.pair: cannot pair the layers", problems=plan.problems,
+                              mapping=plan.suggestion)
+    return _pairs(plan)
+
+
+def _pairs(plan: _Plan) -> list[Pair]:
+    out = []
+    for s, t, how in plan.pairs:
+        a, b = plan.src.layers[s], plan.tgt.layers[t]
+        out.append(Pair(s, t, a.kind, how, _transforms(a.kind, a, plan.src.framework, plan.tgt.framework)))
+        if a.inner is not None and b.inner is not None:
+            out.append(Pair(a.inner.path, b.inner.path, a.inner.kind, f"wrapped by {s}",
+                            _transforms(a.inner.kind, a.inner, plan.src.framework, plan.tgt.framework)))
+    return out
+
+
+def _compare(a: Any, b: Any) -> Any:
+    """The one tree comparison (swap for normbridge.testing.tree_diff when it lands)."""
+    from normbridge.conformance.measure import tree_diff
+
+    return tree_diff(a, b)
+
+
+def _verify(plan: _Plan, target: Any, reordered: bool) -> Verification:
+    src, tgt = plan.src, plan.tgt
+    # One compiled program per side (eager linen runs op by op, minutes on small CPUs).
+    ms, mt = src.spoke.prepare(src.obj, False), tgt.spoke.prepare(target, False)
+    ys = src.spoke.compiled(ms, src.call)(src.probe)
+    yt = tgt.spoke.compiled(mt, tgt.call)(tgt.probe)
+    d = _compare(ys, yt)
+    bitwise_required = src.framework in FLAX_FAMILY and tgt.framework in FLAX_FAMILY and not reordered
+    bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
+    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves.values()):
+        return Verification("eval", False, float("inf"), float("inf"), bound, False, (d.text(),))
+    max_abs = max((x.max_abs for x in d.leaves.values()), default=0.0)
+    worst = tuple(p or "<output>" for p, _ in sorted(d.leaves.items(), key=lambda kv: -kv[1].max_rel)[:3])
+    passed = d.exact() if bitwise_required else d.within(CROSS_RTOL)
+    return Verification("eval", d.exact(), max_abs, d.worst(), bound, passed, worst)
+
+
+def convert(
+    source: Any,
+    like: Any,
+    *,
+    mapping: Mapping[str, Any] | None = None,
+    probe: Any = None,
+    verify: bool | str = True,
+    call: tuple[Callable | None, Callable | None] | None = None,
+    on_mismatch: str = "refuse",
+) -> tuple[Any, ConversionReport]:
+    """Convert a whole model to another framework (or to/from the facades): ``(target, report)``.
+
+    ``source`` / ``like``: linen ``(module, variables)``, an NNX module, Equinox ``(model, state)``
+    (or a stateless model), a :mod:`normbridge.adapters.treex` module; native layers or facades.
+    ``like`` gives the target's architecture and layer classes (its values are replaced; abstract
+    ``eval_shape`` values are fine); the target has ``like``'s structure, and nothing passed in is
+    mutated. ``probe``: an input batch, or ``(probe_for_source, probe_for_like)`` when the two take
+    different layouts (Equinox: channels first); needed to pair by execution order, for linen
+    models, and to verify. ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the
+    default way of calling a model does not apply (``None`` entries keep the default).
+    ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise
+    among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``False`` converts unverified
+    (the report says so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters
+    (eps, momentum, groups) differ, keeping like's; the report records it and the measured change.
+
+    Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
+    mismatched layers; a refused verification with the measured difference).
+    """
+    if verify not in (True, False):
+        raise ValueError("verify must be True or False (verify='train' is not implemented yet)")
+    plan = _plan(source, like, mapping, probe, call, on_mismatch)
+    src, tgt = plan.src, plan.tgt
+    if verify and (src.probe is None or tgt.probe is None):
+        plan.problems.append("verify=True needs an input: pass probe= (or verify=False for an unverified conversion)")
+    if plan.problems:
+        raise ConversionError(
+            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused", problems=plan.problems,
+            mapping=plan.suggestion,
+        )
+    records: dict[str, Any] = {}
+    for s, t, _ in plan.pairs:
+        a, b = src.layers[s], tgt.layers[t]
+        records[t] = a.record
+        if a.inner is not None and b.inner is not None:
+            records[b.inner.path] = a.inner.record
+
+    def adapt(path: str, record: Any, like_record: Any) -> Any:
+        if not (isinstance(record, NormRecord) and isinstance(like_record, NormRecord)):
+            return record
+        keep = {f: getattr(like_record, f) for f, _, _, f32 in plan.hyper.get(path, ()) if f32 or on_mismatch == "keep_like"}
+        return record.replace(**keep) if keep else record
+
+    try:
+        target = tgt.spoke.write(tgt.obj, records, tgt.layers, adapt)
+    except ConversionError as err:
+        raise ConversionError(
+            f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: like's layers cannot hold the "
+            "source's state", problems=err.problems, mapping={s: t for s, t, _ in plan.pairs},
+        ) from None
+    pairs = _pairs(plan)
+    verification = None
+    notes = list(plan.notes)
+    if verify:
+        # linen and NNX attention, SpectralNorm and WeightNorm natively differ in operation order (~1e-7)
+        reordered = any(p.kind in ("attention", "spectral_norm", "weight_norm") for p in pairs)
+        verification = _verify(plan, target, reordered)
+        if not verification.passed and not (on_mismatch == "keep_like" and plan.hyper):
+            raise ConversionError(
+                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs differ",
+                problems=[verification.text(), f"worst output paths: {list(verification.worst)}"],
+                mapping={s: t for s, t, _ in plan.pairs},
+                measured=verification,
+            )
+        if not verification.passed:
+            notes.append(f"outputs changed by keeping like's hyper-parameters: {verification.text()}")
+    else:
+        notes.append("unverified (verify=False)")
+    skipped = tuple(f"source {p}" for p in src.stateless) + tuple(f"like {p}" for p in tgt.stateless)
+    report = ConversionReport(src.framework, tgt.framework, tuple(pairs), skipped, verification, tuple(notes))
+    return target, report
