@@ -13,7 +13,7 @@ def treex_mlp():
     Linear(8→4), LayerNorm, as the normbridge treex facade."""
     from normbridge.adapters import treex as tx
 
-    model = tx.Sequential(tx.Linear(8), tx.BatchNorm(), jax.nn.relu, tx.Linear(4), tx.LayerNorm())
+    model = tx.Sequential(tx.Linear(8), tx.BatchNorm(momentum=0.9), jax.nn.relu, tx.Linear(4), tx.LayerNorm())
     return model.init(0, jnp.zeros((2, 5))).eval()
 
 
@@ -24,54 +24,53 @@ def equinox_mlp():
     k1, k2 = jax.random.split(jax.random.key(0))
     return eqx.nn.make_with_state(eqx.nn.Sequential)([
         eqx.nn.Linear(5, 8, key=k1),
-        eqx.nn.BatchNorm(8, axis_name="batch", momentum=0.9, inference=True),
+        eqx.nn.BatchNorm(8, axis_name="batch", momentum=0.9, inference=True, mode="ema"),
         eqx.nn.Lambda(jax.nn.relu),
         eqx.nn.Linear(8, 4, key=k2),
         eqx.nn.LayerNorm(4),
     ])
 
 
-def linen_cnn():
-    """A linen Conv → BatchNorm → relu → Dense → LayerNorm model with its ``variables``."""
+def linen_mlp():
+    """A linen Dense(5→8) → BatchNorm → relu → Dense(8→4) → LayerNorm model with its ``variables``."""
     import flax.linen as nn
 
-    class Net(nn.Module):
+    class MLP(nn.Module):
         @nn.compact
         def __call__(self, x, train: bool = False):
-            x = nn.Conv(8, (3, 3))(x)
-            x = nn.BatchNorm(use_running_average=not train)(x)
-            x = nn.relu(x).mean(axis=(1, 2))
-            x = nn.Dense(4)(x)
-            return nn.LayerNorm()(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x)))
+            return nn.LayerNorm()(nn.Dense(4)(x))
 
-    module = Net()
-    return module, module.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)))
+    module = MLP()
+    return module, module.init(jax.random.key(0), jnp.zeros((1, 5)))
 
 
-def nnx_cnn():
+def nnx_mlp():
     """The same architecture as native ``flax.nnx`` layers."""
     from flax import nnx
 
-    class Net(nnx.Module):
+    class MLP(nnx.Module):
         def __init__(self, rngs: nnx.Rngs):
-            self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+            self.dense1 = nnx.Linear(5, 8, rngs=rngs)
             self.bn = nnx.BatchNorm(8, rngs=rngs)
-            self.dense = nnx.Linear(8, 4, rngs=rngs)
+            self.dense2 = nnx.Linear(8, 4, rngs=rngs)
             self.ln = nnx.LayerNorm(4, rngs=rngs)
 
         def __call__(self, x):
-            x = nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2))
-            return self.ln(self.dense(x))
+            return self.ln(self.dense2(nnx.relu(self.bn(self.dense1(x)))))
 
-    return Net(nnx.Rngs(0))
+    model = MLP(nnx.Rngs(0))
+    model.eval()
+    return model
 
 
-def linen_cnn_variables_for_the_readme(path: str) -> None:
-    """Write a trained-looking linen checkpoint (non-trivial statistics) to ``path`` as msgpack."""
+def write_linen_checkpoint(path: str = "linen.msgpack") -> None:
+    """Write a linen checkpoint of :func:`linen_mlp` with non-trivial statistics (one training
+    step's batch statistics) to ``path`` with ``flax.serialization``."""
     from flax import serialization
 
-    module, variables = linen_cnn()
-    _, updates = module.apply(variables, jax.random.normal(jax.random.key(1), (4, 6, 6, 3)), train=True,
+    module, variables = linen_mlp()
+    _, updates = module.apply(variables, 3 * jax.random.normal(jax.random.key(1), (16, 5)) + 1, train=True,
                               mutable=["batch_stats"])
     variables = {**variables, **updates}
     with open(path, "wb") as fh:

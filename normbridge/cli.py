@@ -126,8 +126,11 @@ def _run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int])
         _error(args, err)
         return EXIT_BAD_INPUT
     except ConversionError as err:
+        if "probe=" in str(err):
+            err.args = (f"{err}\n(on the command line: --probe SHAPE or --probe PKG.MODULE:FACTORY)",)
         _error(args, err)
-        return EXIT_DIFFER if "verif" in str(err).lower() else EXIT_BAD_INPUT
+        # measured: both models ran and their outputs differ (a failed verification), else a refusal
+        return EXIT_DIFFER if getattr(err, "measured", None) is not None else EXIT_BAD_INPUT
 
 
 def _error(args: argparse.Namespace, err: BaseException) -> None:
@@ -259,6 +262,13 @@ def _convert(args: argparse.Namespace) -> int:
         step("building the models")
         like = load_factory(args.like)
         source_model = load_factory(args.source_model) if args.source_model else None
+        probe = _probe(args.probe) if args.probe else None
+        for flag, spec, model in (("--like", args.like, like), ("--source-model", args.source_model, source_model)):
+            if model is not None:
+                try:
+                    models.framework_of(model)
+                except TypeError as err:
+                    raise BadInput(f"{flag} {spec}: {err}") from None
         step("loading the checkpoint into the source model")
         if source_model is not None:
             source = models.load_into(src, source_model)
@@ -267,9 +277,10 @@ def _convert(args: argparse.Namespace) -> int:
         else:
             source = None
         step("converting")
-        target, how, verified = _convert_models(src, source, like, mapping, verify=not args.no_verify)
+        target, how, verified = _convert_models(src, source, like, mapping, verify=not args.no_verify, probe=probe)
         why = ("--no-verify" if args.no_verify else "no --source-model" if source is None
-               else "normbridge.convert (which runs both models) is not available" if _engine() is None else "")
+               else "normbridge.convert (which runs both models) is not available" if _engine() is None
+               else "no --probe" if probe is None else "")
         step(f"writing {dst}")
         expected = models.write_model(dst, target, out_fmt, overwrite=args.overwrite)
 
@@ -303,7 +314,22 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_DIFFER
 
 
-def _convert_models(src: Any, source: Any, like: Any, mapping: Any, *, verify: bool) -> tuple[Any, str, Any]:
+def _probe(spec: str) -> Any:
+    """``--probe``: ``2,5`` (a standard-normal float32 batch of that shape, key 0) or ``PKG.MODULE:FACTORY``
+    (an array, or a pair ``(input for the source, input for like)``)."""
+    if ":" in spec:
+        return load_factory(spec)
+    try:
+        shape = tuple(int(d) for d in spec.split(","))
+    except ValueError as err:
+        raise BadInput(f"--probe {spec!r}: expected a shape such as 2,5 or PKG.MODULE:FACTORY") from err
+    import jax
+
+    return jax.random.normal(jax.random.key(0), shape)
+
+
+def _convert_models(src: Any, source: Any, like: Any, mapping: Any, *, verify: bool,
+                    probe: Any = None) -> tuple[Any, str, Any]:
     """``(target, how, verified)``: through ``normbridge.convert`` when the engine is present; else the
     per-layer paths that exist (same framework: load by path; linen → NNX; treex → Equinox)."""
     from normbridge.checkpoint import models
@@ -315,8 +341,8 @@ def _convert_models(src: Any, source: Any, like: Any, mapping: Any, *, verify: b
     from_fw = models.framework_of(source)
     engine = _engine()
     if engine is not None:
-        target, report = engine(source, like, mapping=mapping, verify=verify)
-        verified = getattr(report, "verified", None) if verify else None
+        target, report = engine(source, like, mapping=mapping, probe=probe, verify=verify)
+        verified = report.verified if report.verification is not None else None
         return target, "normbridge.convert", verified
     if from_fw == to_fw:
         # Same framework: pairing by path (no guess); the models differ in nothing the file holds.
@@ -385,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     con.add_argument("--source-model", metavar="PKG.MODULE:FACTORY",
                      help="a function returning a model of the source architecture (to verify the conversion)")
     con.add_argument("--map", metavar="mapping.json", help="{target path: source path} for layers to pair")
+    con.add_argument("--probe", metavar="SHAPE|PKG.MODULE:FACTORY",
+                     help="the input both models run on to pair layers by execution and verify: a shape "
+                          "(2,5: a normal float32 batch) or a factory returning an array or (source input, like input)")
     con.add_argument("--no-verify", action="store_true", help="do not run both models to compare them")
     con.add_argument("--format", choices=FORMATS, help="the output format, instead of DST's extension")
     con.add_argument("--src-format", choices=FORMATS, help="the input format, instead of detecting it")
