@@ -303,3 +303,165 @@ def equinox_eval(fx: dict[str, Any], module: Any, exp: dict[str, np.ndarray], ba
     y, _ = run(xe, state)
     y = np.moveaxis(np.asarray(y), 1, -1) if move else np.asarray(y)
     return _case(f"equinox[{backend}] y_eval", exp["y_eval"], y)
+
+
+# ---------------------------------------------------------- whole-model fixtures
+#: The model fixtures' keys that are RNG-dependent (real treex's Dropout masks); reproduced too.
+RNG_PREFIXES = ("y_train_rng", "y_as_saved_rng", "after_train_rng_call/")
+
+
+def build_model(fx: dict[str, Any]) -> Any:
+    """The facade model of a ``treex-models`` fixture, written as its README says the user wrote it."""
+    import functools
+
+    from normbridge.adapters import treex as tx
+
+    name = fx["name"]
+    byref = "byref" in name
+    if name.startswith("cnn_mnist"):
+        act = jax.nn.gelu if byref else jax.nn.relu
+        kw = {"kernel_init": jax.nn.initializers.zeros} if byref else {}
+
+        def conv(n: int) -> Any:
+            return tx.Conv(n, [3, 3], strides=[2, 2], **kw)
+
+        return tx.Sequential(
+            conv(8), tx.BatchNorm(), tx.Dropout(0.05), act,
+            conv(16), tx.BatchNorm(), tx.Dropout(0.1), act,
+            conv(32), functools.partial(jnp.mean, axis=(1, 2)), tx.Linear(10, **kw),
+        )  # fmt: skip
+    if name.startswith("mlp_flatten_ln"):
+        if byref:
+            zeros = functools.partial(jax.nn.initializers.zeros)
+            mlp = tx.MLP([8, 8], activation=functools.partial(jax.nn.gelu), kernel_init=zeros, bias_init=zeros)
+            return tx.Sequential(
+                tx.Flatten(), mlp, tx.LayerNorm(), jax.nn.gelu, tx.Linear(10, kernel_init=jax.nn.initializers.zeros)
+            )
+        return tx.Sequential(tx.Flatten(), tx.MLP([8, 8]), tx.LayerNorm(), jax.nn.relu, tx.Linear(10))
+    raise ValueError(f"no facade builder for the model fixture {name!r}")
+
+
+def model_template(fx: dict[str, Any], exp: dict[str, np.ndarray]) -> Any:
+    """``build_model(fx).init(seed, x)`` with the saved flags: the template for leaves-only formats."""
+    module = build_model(fx).init(init_seed(fx), exp["x"])
+    flags = fx["saved_flags"]
+    return module.train(flags["training"]).freeze(flags["frozen"])
+
+
+def load_model_file(folder: pathlib.Path, fx: dict[str, Any], fl: dict[str, Any]) -> Any:
+    """Load one model fixture file as a facade module (leaves-only formats through :func:`model_template`)."""
+    from normbridge.adapters import treex as tx
+
+    path = folder / fl["file"]
+    if fl["format"] in LEAF_FORMATS:
+        return tx.load(path, template=model_template(fx, expected(folder, fx)))
+    return tx.load(path)
+
+
+def flat_leaves(module: Any) -> dict[str, np.ndarray]:
+    """Every leaf of ``module`` by its ``/`` path (the npz state layout), as numpy arrays."""
+    from normbridge.adapters.treex.serialization import state_dict
+
+    out: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}/{k}" if path else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}/{i}" if path else str(i))
+        elif node is not None:
+            out[path] = np.asarray(node)
+
+    walk(state_dict(module), "")
+    return out
+
+
+def _at(module: Any, path: str) -> Any:
+    obj = module
+    *parents, name = path.split("/")
+    for p in parents:
+        obj = obj[int(p)] if isinstance(obj, list) else getattr(obj, p)
+    return getattr(obj, name)
+
+
+def _dropout_off(module: Any) -> Any:
+    """``module.train()`` with every Dropout (and its KeySeq) in eval mode: BatchNorm on batch statistics."""
+    from normbridge.adapters.treex.dropout import Dropout
+
+    m = module.train()
+    for layer in m.layers:
+        if isinstance(layer, Dropout):
+            layer.eval(inplace=True)
+    return m
+
+
+def saved_state(folder: pathlib.Path, fx: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The leaves real treex saved (``<name>.state.npz``, ``/`` paths)."""
+    with np.load(folder / f"{fx['name']}.state.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def state_problems(folder: pathlib.Path, fx: dict[str, Any], module: Any) -> list[str]:
+    """Leaf paths, shapes and dtypes of ``module`` that differ from what real treex saved."""
+    saved, have = saved_state(folder, fx), flat_leaves(module)
+    problems = [f"missing leaf {p}" for p in sorted(set(saved) - set(have))]
+    problems += [f"extra leaf {p}" for p in sorted(set(have) - set(saved))]
+    for p in sorted(set(saved) & set(have)):
+        if saved[p].shape != have[p].shape or saved[p].dtype != have[p].dtype:
+            problems.append(f"{p}: {have[p].shape} {have[p].dtype} != saved {saved[p].shape} {saved[p].dtype}")
+    return problems
+
+
+def reproduce_model(folder: pathlib.Path, fx: dict[str, Any], module: Any, exp: dict[str, np.ndarray]) -> list[Case]:
+    """A loaded model fixture against real treex: saved state (bitwise, from ``<name>.state.npz``),
+    every deterministic output and the statistics it leaves, and the RNG-dependent Dropout outputs."""
+    x = exp["x"]
+    cases: list[Case] = []
+    saved = saved_state(folder, fx)
+    have = flat_leaves(module)
+    for path, want in saved.items():
+        if path in have:
+            cases.append(_case(f"state {path}", want, have[path], 0.0))
+    cases.append(_case("y_eval", exp["y_eval"], module.eval()(x)))
+    if "y_train" in exp:
+        cases.append(_case("y_train", exp["y_train"], module.train()(x)))
+    if "y_as_saved" in exp:
+        cases.append(_case("y_as_saved", exp["y_as_saved"], module.copy()(x)))
+    if "y_train_dropout_off" in exp:
+        m = _dropout_off(module)
+        cases.append(_case("y_train_dropout_off", exp["y_train_dropout_off"], m(x)))
+        for k in sorted(exp):
+            if k.startswith("after_train_dropout_off_call/"):
+                cases.append(_case(k, exp[k], _at(m, k.split("/", 1)[1])))
+    if "y_train_rng" in exp:
+        m = module.train()
+        cases.append(_case("y_train_rng", exp["y_train_rng"], m(x)))
+        for k in sorted(exp):
+            if k.startswith("after_train_rng_call/"):
+                tol = 0.0 if k.endswith("/key") else None
+                cases.append(_case(k, exp[k], _at(m, k.split("/", 1)[1]), tol))
+    if "y_as_saved_rng" in exp:
+        cases.append(_case("y_as_saved_rng", exp["y_as_saved_rng"], module.copy()(x)))
+    return cases
+
+
+def reproduce_model_init(fx: dict[str, Any], exp: dict[str, np.ndarray]) -> list[Case]:
+    """``build_model(fx).init(seed, x)`` against the recorded ``init/<path>`` leaves (real treex's init)."""
+    init = [k for k in sorted(exp) if k.startswith("init/")]
+    if not init or "byref" in fx["name"]:
+        return []  # _byref kernels were overwritten after init by the fixture generator
+    have = flat_leaves(build_model(fx).init(init_seed(fx), exp["x"]))
+    return [_case(k, exp[k], have.get(k[5:], np.full(exp[k].shape, np.nan)), 1e-6) for k in init]
+
+
+def equinox_model_eval(module: Any, exp: dict[str, np.ndarray], backend: str = "equinox") -> Case:
+    """``to_equinox(module)`` on the fixture's NHWC ``x`` moved to NCHW, per example, against ``y_eval``."""
+    from normbridge.adapters.treex.to_equinox import to_equinox
+
+    model, state = to_equinox(module, backend=backend)  # type: ignore[arg-type]
+    xe = np.moveaxis(exp["x"], -1, 1)
+    run = jax.jit(lambda xx, st: jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(xx, st))
+    y, _ = run(xe, state)
+    return _case(f"equinox[{backend}] y_eval", exp["y_eval"], np.asarray(y), 1e-5)

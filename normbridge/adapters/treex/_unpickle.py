@@ -32,13 +32,14 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normbridge.errors import UnsafeCheckpointError
+from normbridge.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 
 class UnsafePickleError(UnsafeCheckpointError, pickle.UnpicklingError):
@@ -211,14 +212,258 @@ def _safe_type(obj: Any) -> type:
 
 
 _NDARRAY = Ref("numpy.ndarray")
+#: The metaclass of ``jnp.float32`` & co. (treeo's kind for an undeclared dtype field).
+_SCALAR_META = type(jnp.float32)
 
-# ------------------------------------------------------------------ allow-list
 #: Activation names a ``Lambda`` may reference (``jax.nn.<name>`` / ``jax._src.nn.functions.<name>``).
 ACTIVATIONS: tuple[str, ...] = (
     "relu", "relu6", "gelu", "sigmoid", "silu", "swish", "elu", "celu", "selu", "leaky_relu", "softplus",
     "soft_sign", "log_sigmoid", "hard_tanh", "hard_sigmoid", "hard_silu", "hard_swish", "tanh", "softmax",
     "log_softmax", "glu", "mish",
 )  # fmt: skip
+
+
+# ---------------------------------------------------- code by value (cloudpickle)
+# cloudpickle writes a function it cannot name as ``_make_function(CodeType(...), globals, name,
+# argdefs, closure)`` followed by ``_function_setstate(f, (dict, slots))``, where ``slots`` holds
+# ``__module__`` and ``__qualname__``. The replacements below build none of it: the code object's
+# arguments are dropped, globals/closures stay inert records, and what survives is the recorded
+# (module, qualname), looked up afterwards in :data:`FUNCTIONS`. A ``custom_jvp``/``PjitFunction``
+# wrapper (NEWOBJ + BUILD) likewise keeps only its recorded names.
+
+
+class Inert:
+    """A value the file describes but normbridge never uses (a code object, a cell, a typing form...)."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafePickleError(f"{self.what} may be referenced but not called while unpickling")
+
+    def __repr__(self) -> str:
+        return f"<inert {self.what}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("inert pickle records are not picklable")
+
+
+class _BuiltinTypeToken(Inert):
+    """cloudpickle's ``_builtin_type(name)``: only ``CodeType`` may be 'called', and it builds nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.what == "types.CodeType":
+            return Inert("code object (never built)")
+        raise UnsafePickleError(f"{self.what} may be referenced but not called while unpickling")
+
+
+_BUILTIN_TYPES = frozenset({"CodeType", "FunctionType", "LambdaType", "CellType", "MethodType", "ModuleType"})
+
+
+def _cp_builtin_type(name: Any) -> Inert:
+    if not isinstance(name, str) or name not in _BUILTIN_TYPES:
+        raise UnsafePickleError(f"cloudpickle._builtin_type: refused type name {name!r}")
+    return _BuiltinTypeToken(f"types.{name}")
+
+
+class FunctionStub:
+    """A function pickled by value: only its recorded ``__module__`` and ``__qualname__`` are kept."""
+
+    __slots__ = ("module", "qualname")
+
+    def __init__(self) -> None:
+        self.module: str | None = None
+        self.qualname: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafePickleError(f"function {self.label} from the pickle may not be called while unpickling")
+
+    @property
+    def label(self) -> str:
+        return f"{self.module}.{self.qualname}"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("function stubs are not picklable")
+
+
+def _cp_make_function(code: Any, globals_: Any, name: Any, argdefs: Any, closure: Any) -> FunctionStub:
+    if not (isinstance(code, Inert) and isinstance(globals_, dict)):
+        raise UnsafePickleError("cloudpickle._make_function: expected (code object, globals dict, ...)")
+    return FunctionStub()
+
+
+def _cp_function_setstate(func: Any, state: Any) -> None:
+    if not isinstance(func, FunctionStub):
+        raise UnsafePickleError("cloudpickle._function_setstate: target is not a pickled function")
+    if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict)):
+        raise UnsafePickleError("cloudpickle._function_setstate: malformed state")
+    module, qualname = state[1].get("__module__"), state[1].get("__qualname__")
+    if not (isinstance(module, str) and isinstance(qualname, str)):
+        raise UnsafePickleError("cloudpickle._function_setstate: the function records no module/qualname")
+    func.module, func.qualname = module, qualname
+
+
+def _cp_make_cell(*value: Any) -> Inert:
+    return Inert("closure cell")
+
+
+def _cp_subimport(name: Any) -> Inert:
+    if not isinstance(name, str):
+        raise UnsafePickleError("cloudpickle.subimport: module name must be a str")
+    return Inert(f"module {name} (not imported)")
+
+
+def _inert_getitem(obj: Any, item: Any) -> Inert:
+    """``operator.getitem`` as pickled for typing forms (``typing.Union[int, Any]``): an inert record."""
+    if not isinstance(obj, (Ref, Inert)):
+        raise UnsafePickleError("_operator.getitem may only subscript typing forms")
+    return Inert("typing form")
+
+
+class NamedWrapper:
+    """``custom_jvp`` / ``PjitFunction`` (NEWOBJ + BUILD dict): keeps only the wrapped function's names."""
+
+    qualname: str = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> NamedWrapper:
+        if args or kwargs:
+            raise UnsafePickleError(f"{cls.qualname}: unexpected constructor arguments in the pickle")
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "module", None)
+        object.__setattr__(obj, "name", None)
+        object.__setattr__(obj, "wrapped", None)
+        return obj
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise UnsafePickleError(f"{self.qualname}: BUILD state must be a dict with str keys")
+        module, name = state.get("__module__"), state.get("__qualname__")
+        wrapped = state.get("fun") if "fun" in state else state.get("__wrapped__")
+        object.__setattr__(self, "module", module if isinstance(module, str) else None)
+        object.__setattr__(self, "name", name if isinstance(name, str) else None)
+        object.__setattr__(self, "wrapped", wrapped if isinstance(wrapped, (FunctionStub, NamedWrapper)) else None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafePickleError(f"{self.qualname}: attribute assignment refused")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafePickleError(f"{self.qualname} from the pickle may not be called while unpickling")
+
+    @property
+    def label(self) -> str:
+        if self.module and self.name:
+            return f"{self.module}.{self.name}"
+        if self.wrapped is not None:
+            return self.wrapped.label
+        return f"<{self.qualname} without a recorded name>"
+
+
+class InertObject:
+    """A jax internal object (``PjitFunctionCache``, ``UnspecifiedValue``): NEWOBJ, any BUILD, never used."""
+
+    qualname: str = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InertObject:
+        if args or kwargs:
+            raise UnsafePickleError(f"{cls.qualname}: unexpected constructor arguments in the pickle")
+        return object.__new__(cls)
+
+    def __setstate__(self, state: Any) -> None:
+        pass  # already-built safe values; dropped
+
+    def __reduce__(self) -> Any:
+        raise TypeError("inert pickle records are not picklable")
+
+
+class PartialSpec:
+    """``functools.partial(func)`` + ``BUILD (func, args, kwargs, dict)``: rebuilt later from the table."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PartialSpec:
+        if len(args) != 1 or kwargs:
+            raise UnsafePickleError("functools.partial: expected exactly one function argument")
+        obj = object.__new__(cls)
+        obj.func, obj.args, obj.kwargs = args[0], (), {}
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise UnsafePickleError("functools.partial: malformed BUILD state")
+        func, args, kwargs, namespace = state
+        if not isinstance(args, tuple) or not isinstance(kwargs, (dict, type(None))):
+            raise UnsafePickleError("functools.partial: malformed BUILD state")
+        if namespace:
+            raise UnsafePickleError("functools.partial: a __dict__ in the BUILD state is refused")
+        self.func, self.args, self.kwargs = func, args, dict(kwargs or {})
+
+
+class InitializerMarker:
+    """Stands for an initializer a loaded (initialized) module no longer needs; raises if called."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{self.name}: this initializer was stored by value in the checkpoint and is not rebuilt "
+            "(normbridge never runs code from a file); the loaded module is already initialized. "
+            "Pass kernel_init=... explicitly to re-initialize."
+        )
+
+    def __repr__(self) -> str:
+        return f"<initializer {self.name} (from the checkpoint, not callable)>"
+
+
+def _activation(name: str) -> Any:
+    return jnp.tanh if name == "tanh" else getattr(jax.nn, name)
+
+
+#: Functions recognised by (module, qualname) when a pickle stores them by value or wrapped:
+#: activations map to the same ``jax.nn`` function; initializers to an inert marker.
+FUNCTIONS: dict[str, Any] = {
+    **{f"{mod}.{a}": _activation(a) for mod in ("jax._src.nn.functions", "jax.nn") for a in ACTIVATIONS},
+    **{
+        f"{mod}.{q}": InitializerMarker(f"{mod}.{q}")
+        for mod in ("jax._src.nn.initializers", "jax.nn.initializers")
+        for q in (
+            "variance_scaling.<locals>.init",
+            "normal.<locals>.init",
+            "uniform.<locals>.init",
+            "truncated_normal.<locals>.init",
+            "orthogonal.<locals>.init",
+            "constant.<locals>.init",
+            "delta_orthogonal.<locals>.init",
+        )
+    },
+    "flax.linen.initializers.variance_scaling.<locals>.init": InitializerMarker(
+        "flax.linen.initializers.variance_scaling.<locals>.init"
+    ),
+}
+
+
+def resolve_function(obj: FunctionStub | NamedWrapper, source: str, where: str) -> Any:
+    """The safe replacement of a function the pickle recorded by name, or :class:`UnsafePickleError`."""
+    label = obj.label
+    if label in FUNCTIONS:
+        return FUNCTIONS[label]
+    raise UnsafePickleError(
+        f"{source}: {where or '<root>'}: refused function {label!r} stored in the pickle "
+        f"({'by value' if isinstance(obj, FunctionStub) else type(obj).__name__}): it is not in normbridge's "
+        "table of functions with a safe replacement; nothing was run"
+    )
+
+
+# ------------------------------------------------------------------ allow-list
 
 _CLASSES = (
     "treex.nn.norm.BatchNorm",
@@ -230,6 +475,13 @@ _CLASSES = (
     "treex.nn.linear.Linear",
     "treex.nn.sequential.Sequential",
     "treex.nn.sequential.Lambda",
+    "treex.nn.conv.Conv",
+    "treex.nn.conv.ConvTranspose",
+    "treex.nn.embed.Embed",
+    "treex.nn.dropout.Dropout",
+    "treex.key_seq.KeySeq",
+    "treex.nn.flatten.Flatten",
+    "treex.nn.mlp.MLP",
     # The additions (never in treex), as normbridge's save() names them.
     "normbridge.adapters.treex.RMSNorm",
     "normbridge.adapters.treex.InstanceNorm",
@@ -253,7 +505,27 @@ _REFS = [
     "jax.numpy.float16",
     "jax.numpy.bfloat16",
     "jax.numpy.float64",
-]
+    # Kinds treeo recorded for undeclared fields (``type(value)``).
+    "builtins.int",
+    "builtins.bool",
+    "jax._src.numpy.lax_numpy._ScalarMeta",
+    # Functions a Lambda or partial names by reference.
+    "jax._src.numpy.reductions.mean",
+    # Names in the globals and annotations of functions stored by value: referenced, never used.
+    "typing.Any", "typing.Sequence", "typing.Tuple", "typing.Union",
+    "jax._src.core.NamedShape", "jax._src.prng.PRNGKeyArray",
+    "jax._src.nn.initializers._complex_truncated_normal", "jax._src.nn.initializers._complex_uniform",
+    "jax._src.custom_derivatives._sum_tangents", "jax._src.custom_derivatives._zeros_like_pytree",
+    "jax._src.pjit._device_assignment_mismatch_error", "jax._src.pjit._get_arg_names",
+    "jax._src.pjit._get_fastpath_data", "jax._src.pjit._pjit_lower", "jax._src.pjit._python_pjit_helper",
+    "jax._src.pjit._read_most_recent_pjit_call_executable", "jax._src.pjit._resolve_in_shardings",
+    "jax._src.traceback_util.UnfilteredStackTrace", "jax._src.traceback_util._add_call_stack_frames",
+    "jax._src.traceback_util._add_tracebackhide_to_hidden_frames", "jax._src.traceback_util._filtering_mode",
+    "jax._src.traceback_util._is_under_reraiser", "jax._src.traceback_util.filter_traceback",
+    "jax._src.traceback_util.format_exception_only",
+    "jax._src.tree_util.tree_flatten", "jax._src.tree_util.tree_map", "jax._src.tree_util.treedef_tuple",
+    "jaxlib.utils.safe_zip",
+]  # fmt: skip
 for _mod in ("jax.nn.initializers", "jax._src.nn.initializers"):
     _REFS += [f"{_mod}.zeros", f"{_mod}.ones"]
 for _mod in ("jax.nn", "jax._src.nn.functions", "jax.numpy", "jax._src.numpy.ufuncs"):
@@ -271,6 +543,23 @@ ALLOWED: dict[str, Any] = {
     "numpy._core.numeric._frombuffer": _np_frombuffer,
     "jax._src.array._reconstruct_array": _jax_reconstruct,
     "jax._src.device_array.reconstruct_device_array": _jax_reconstruct,
+    # cloudpickle's code-by-value machinery: inert replacements (see above).
+    "cloudpickle.cloudpickle._make_function": _cp_make_function,
+    "cloudpickle.cloudpickle._builtin_type": _cp_builtin_type,
+    "cloudpickle.cloudpickle._make_empty_cell": _cp_make_cell,
+    "cloudpickle.cloudpickle._make_cell": _cp_make_cell,
+    "cloudpickle.cloudpickle.subimport": _cp_subimport,
+    "cloudpickle.cloudpickle_fast._function_setstate": _cp_function_setstate,
+    "_operator.getitem": _inert_getitem,
+    "functools.partial": PartialSpec,
+    "jax._src.custom_derivatives.custom_jvp": type("custom_jvp", (NamedWrapper,), {"qualname": "custom_jvp"}),
+    "jaxlib.xla_extension.PjitFunction": type("PjitFunction", (NamedWrapper,), {"qualname": "PjitFunction"}),
+    "jaxlib.xla_extension.PjitFunctionCache": type(
+        "PjitFunctionCache", (InertObject,), {"qualname": "jaxlib.xla_extension.PjitFunctionCache"}
+    ),
+    "jax._src.sharding_impls.UnspecifiedValue": type(
+        "UnspecifiedValue", (InertObject,), {"qualname": "jax._src.sharding_impls.UnspecifiedValue"}
+    ),
 }
 
 
@@ -284,13 +573,19 @@ def resolve_ref(ref: Ref) -> Any:
         from normbridge.adapters.treex import module as kinds
 
         return getattr(kinds, attr)
+    if name in ("builtins.int", "builtins.bool"):
+        return int if attr == "int" else bool
+    if name == "jax._src.numpy.lax_numpy._ScalarMeta":
+        return _SCALAR_META
+    if name == "jax._src.numpy.reductions.mean":
+        return jnp.mean
     if mod == "jax.numpy" and attr in ("float32", "float16", "bfloat16", "float64"):
         return getattr(jnp, attr)
     if mod in ("jax.nn.initializers", "jax._src.nn.initializers") and attr in ("zeros", "ones"):
         return getattr(jax.nn.initializers, attr)
     if attr in ACTIVATIONS:
         return jnp.tanh if attr == "tanh" else getattr(jax.nn, attr)
-    raise UnsafePickleError(f"no safe replacement for {name}")  # pragma: no cover - table and list agree
+    return Inert(name)  # referenced by a function stored by value; never used
 
 
 # ------------------------------------------------------------------ pre-scan
@@ -302,6 +597,26 @@ _FORBIDDEN_OPS = {"EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEXT_BUFFER", 
 _UNKNOWN = object()
 
 
+def _opcodes(data: bytes, source: str) -> Iterator[tuple[Any, Any, Any]]:
+    """``pickletools.genops``, with a damaged stream reported as :class:`CorruptCheckpointError`.
+
+    Opcodes are yielded as they are read, so a refused GLOBAL before the damage is still
+    reported by name (unsafe wins over corrupt: nothing is built either way).
+    """
+    ops = pickletools.genops(data)
+    while True:
+        try:
+            item = next(ops)
+        except StopIteration:
+            return
+        except Exception as err:  # pickletools raises ValueError, and others on garbage
+            raise CorruptCheckpointError(
+                f"{source}: damaged pickle: expected a complete pickle stream ending with STOP, "
+                f"found {type(err).__name__}: {err} ({len(data)} bytes; truncated?)"
+            ) from err
+        yield item
+
+
 def scan_globals(data: bytes, source: str = "<bytes>") -> list[str]:
     """Every GLOBAL the pickle names, in order; raise :class:`UnsafePickleError` on anything outside the allow-list.
 
@@ -311,11 +626,7 @@ def scan_globals(data: bytes, source: str = "<bytes>") -> list[str]:
     names: list[str] = []
     memo: dict[int, Any] = {}
     last: list[Any] = []  # values pushed by the most recent opcodes (strings or _UNKNOWN)
-    try:
-        ops = list(pickletools.genops(data))
-    except Exception as err:
-        raise UnsafePickleError(f"{source}: not a valid pickle ({err})") from err
-    for op, arg, _pos in ops:
+    for op, arg, _pos in _opcodes(data, source):
         name = op.name
         if name in _FORBIDDEN_OPS:
             raise UnsafePickleError(f"{source}: opcode {name} is not allowed in a treex checkpoint")
@@ -373,4 +684,13 @@ class SafeUnpickler(pickle.Unpickler):
 def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
     """Scan, then unpickle ``data`` with :class:`SafeUnpickler`; returns placeholders, arrays and Refs."""
     scan_globals(data, source)
-    return SafeUnpickler(io.BytesIO(data), source).load()
+    try:
+        return SafeUnpickler(io.BytesIO(data), source).load()
+    except CheckpointError:
+        raise
+    except Exception as err:
+        # The stream parsed; building it failed (a malformed argument, an inconsistent memo...).
+        raise CorruptCheckpointError(
+            f"{source}: damaged pickle: expected the objects of a treex checkpoint, found a stream that "
+            f"fails to unpickle ({type(err).__name__}: {err})"
+        ) from err

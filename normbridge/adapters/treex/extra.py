@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from normbridge import core
-from normbridge.adapters.treex.module import BatchStat, Module, Parameter, initializing, next_key, to
+from normbridge.adapters.treex.module import BatchStat, Module, Parameter, initializing, next_key, param_key, to
 from normbridge.adapters.treex.norm import Initializer, _affine, _check_dtype, _init_affine
 
 __all__ = ["InstanceNorm", "RMSNorm", "SpectralNorm", "WeightNorm"]
@@ -65,8 +65,10 @@ class RMSNorm(Module):
         x = jnp.asarray(x)
         last = (x.ndim - 1,)
         pshape, bshape = core.feature_shapes(x.shape, last)
-        if initializing() and self.use_scale:
-            self.scale = jnp.asarray(self.scale_init(next_key(), pshape, jnp.float32))
+        if initializing():
+            key = next_key()  # treex style: one key per layer, flax's fold-in per parameter
+            if self.use_scale:
+                self.scale = jnp.asarray(self.scale_init(param_key(key, 1), pshape, jnp.float32))
         _, var = core.moments(x, last, use_mean=False)
         scale = self.scale.reshape(bshape) if self.use_scale else None
         y = core.normalize(x, None, jnp.expand_dims(var, last), self.epsilon, scale, None)
@@ -169,7 +171,7 @@ class SpectralNorm(Module):
             raise ValueError(f"SpectralNorm: kernel is {kernel.ndim}D but error_on_non_matrix is True")
         w = core.as_matrix(kernel, -1)
         if initializing():
-            self.u = jax.random.normal(next_key(), (1, w.shape[-1]), jnp.float32)
+            self.u = jax.random.normal(param_key(next_key(), 1), (1, w.shape[-1]), jnp.float32)
             self.sigma = jnp.ones((), jnp.float32)
         update = update_stats if update_stats is not None else self._training and not self._frozen and self._initialized
         u, v = core.power_iteration_flax(w, self.u, self.n_steps, self.epsilon)
@@ -211,9 +213,11 @@ class WeightNorm(Module):
         if initializing():
             self.layer(x)
         kernel = _kernel("WeightNorm", self.layer)
-        if initializing() and self.use_scale:
-            shape = core.weight_norm_scale_shape(kernel.shape, self.feature_axes)
-            self.scale = jnp.asarray(self.scale_init(next_key(), shape, jnp.float32))
+        if initializing():
+            key = next_key()
+            if self.use_scale:
+                shape = core.weight_norm_scale_shape(kernel.shape, self.feature_axes)
+                self.scale = jnp.asarray(self.scale_init(param_key(key, 1), shape, jnp.float32))
         scale = self.scale if self.use_scale else None
         w = core.weight_norm_flax(kernel, self.feature_axes, self.epsilon, scale)
         return _with_kernel(self.layer, w)(x)

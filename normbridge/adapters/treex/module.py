@@ -23,6 +23,7 @@ object graph directly; the pytree registration and field metadata are treeo's.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ __all__ = [
     "TreePart",
     "initializing",
     "next_key",
+    "param_key",
 ]
 
 
@@ -110,11 +112,26 @@ def initializing() -> bool:
 
 
 def next_key() -> jax.Array:
-    """A fresh key split from the ``init`` key (treex ``next_key``)."""
+    """A fresh key from the ``init`` key, as treex's ``next_key``: ``key, carry = split(carry)``.
+
+    Every treex layer asks for one key at init and hands it to its flax 0.4.1 module as the
+    ``params`` rng; :func:`param_key` derives each parameter's key from it as flax did.
+    """
     if _INIT.key is None:
         raise RuntimeError("treex: RNG key not set; leaves are only created inside `Module.init(key, inputs)`")
-    _INIT.key, key = jax.random.split(_INIT.key)
+    key, _INIT.key = jax.random.split(_INIT.key)
     return key
+
+
+def _fold_in_static(key: jax.Array, data: int) -> jax.Array:
+    """flax's ``LazyRng`` fold-in of one int (``sha1`` of its big-endian bytes, first 4 bytes as uint32)."""
+    digest = hashlib.sha1(data.to_bytes((data.bit_length() + 7) // 8, byteorder="big")).digest()
+    return jax.random.fold_in(key, jnp.uint32(int.from_bytes(digest[:4], byteorder="big")))
+
+
+def param_key(layer_key: jax.Array, index: int) -> jax.Array:
+    """The key flax 0.4.1 gave the ``index``-th parameter (1-based) of a root module initialized with ``layer_key``."""
+    return _fold_in_static(layer_key, index)
 
 
 def _as_key(key: int | jax.Array) -> jax.Array:
@@ -125,7 +142,7 @@ def _as_key(key: int | jax.Array) -> jax.Array:
 
 def _snake(name: str) -> str:
     """``BatchNorm`` → ``batch_norm`` (treex's default module names)."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
 # ------------------------------------------------------------------- graph walk
@@ -142,6 +159,21 @@ def _map_modules(obj: Any, fn: Callable[[Module], None]) -> None:
     elif isinstance(obj, dict):
         for v in obj.values():
             _map_modules(v, fn)
+
+
+def _walk_tree_order(obj: Any, fn: Callable[[Module], None]) -> None:
+    """Call ``fn`` on every Module in pytree leaf order (node fields sorted by name, as jax flattens dicts)."""
+    if isinstance(obj, Module):
+        fn(obj)
+        for field in sorted(vars(obj)):
+            if field != "_field_metadata" and obj._is_node(field):
+                _walk_tree_order(vars(obj)[field], fn)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _walk_tree_order(v, fn)
+    elif isinstance(obj, dict):
+        for k in sorted(obj):
+            _walk_tree_order(obj[k], fn)
 
 
 def _copy(obj: Any) -> Any:
@@ -271,14 +303,17 @@ class Module(to.Tree):
         second item is a dict. Returns a copy unless ``inplace``.
         """
         module = self if inplace else self.copy()
-        with _init_context(_as_key(key)):
+        # treex ran on jax 0.4's non-partitionable threefry; the same key gives the same numbers only there.
+        with jax.threefry_partitionable(False), _init_context(_as_key(key)):
+            # treex first gives every key-only leaf (a KeySeq's ``Initializer``) a key, in leaf order,
+            # then runs the forward pass, in which each layer takes one key for its parameters.
+            _walk_tree_order(module, lambda m: m.rng_init())
             if inputs is not to.MISSING:
                 if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
                     args, kwargs = inputs
                 else:
                     args, kwargs = (inputs,), {}
                 getattr(module, call_method)(*args, **kwargs)
-            _map_modules(module, lambda m: m.rng_init())
         return module._with_flag("_initialized", True, inplace=True)
 
     def rng_init(self) -> None:

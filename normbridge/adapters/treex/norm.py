@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from normbridge import core
-from normbridge.adapters.treex.module import BatchStat, Module, Parameter, initializing, next_key, to
+from normbridge.adapters.treex.module import BatchStat, Module, Parameter, initializing, next_key, param_key, to
 
 Initializer = Callable[..., jax.Array]
 
@@ -43,9 +43,9 @@ def _check_dtype(layer: str, dtype: Any) -> None:
         raise TypeError(f"{layer}: `dtype` must be a floating dtype, got {dtype!r}")
 
 
-def _param(init: Initializer, shape: tuple[int, ...]) -> jax.Array:
+def _param(init: Initializer, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """A float32 parameter (flax 0.4.1 ``param_dtype``) from ``init(key, shape, float32)``."""
-    return jnp.asarray(init(next_key(), shape, jnp.float32))
+    return jnp.asarray(init(key, shape, jnp.float32))
 
 
 def _affine(layer: Module, bshape: tuple[int, ...]) -> tuple[jax.Array | None, jax.Array | None]:
@@ -55,11 +55,16 @@ def _affine(layer: Module, bshape: tuple[int, ...]) -> tuple[jax.Array | None, j
 
 
 def _init_affine(layer: Module, pshape: tuple[int, ...]) -> None:
-    # flax creates scale first, then bias.
+    # treex: one next_key() per layer, the flax module's ``params`` rng; flax creates scale first,
+    # then bias, each from the next ``make_rng('params')`` fold-in (statistics take no key).
+    key = next_key()
+    index = 0
     if layer.use_scale:
-        layer.scale = _param(layer.scale_init, pshape)
+        index += 1
+        layer.scale = _param(layer.scale_init, param_key(key, index), pshape)
     if layer.use_bias:
-        layer.bias = _param(layer.bias_init, pshape)
+        index += 1
+        layer.bias = _param(layer.bias_init, param_key(key, index), pshape)
 
 
 class BatchNorm(Module):

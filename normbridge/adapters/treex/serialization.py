@@ -23,9 +23,11 @@ arrays with a warning.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
+import pickletools
 import tempfile
 import warnings
 import zipfile
@@ -39,8 +41,10 @@ import numpy as np
 from normbridge import errors
 from normbridge._optional import require
 from normbridge.adapters.treex import _unpickle as up
+from normbridge.adapters.treex.conv import Conv, ConvTranspose
+from normbridge.adapters.treex.dropout import Dropout, KeySeq
 from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm, WeightNorm
-from normbridge.adapters.treex.layers import Lambda, Linear, Sequential
+from normbridge.adapters.treex.layers import MLP, Embed, Flatten, Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import Module
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
 
@@ -51,8 +55,12 @@ Format = Literal["pickle", "cloudpickle", "msgpack", "npz"]
 PathOrFile = str | os.PathLike | IO[bytes]
 
 
-class CheckpointError(errors.CheckpointError):
-    """A treex checkpoint does not match what was expected (structure, shape, dtype, configuration)."""
+#: ``normbridge.errors.CheckpointError``: every error of :func:`load` is one of its subclasses
+#: (``CorruptCheckpointError``: damaged or not a treex checkpoint; ``UnsafeCheckpointError`` /
+#: :class:`UnsafePickleError`: refused, nothing built; ``CheckpointMismatchError``: does not fit the template).
+CheckpointError = errors.CheckpointError
+CorruptCheckpointError = errors.CorruptCheckpointError
+CheckpointMismatchError = errors.CheckpointMismatchError
 
 
 # =============================================================== reading bytes
@@ -66,15 +74,32 @@ def _read(path_or_file: PathOrFile) -> tuple[bytes, str]:
     return data, getattr(path_or_file, "name", "<file>")
 
 
-def detect_format(data: bytes) -> Format:
-    """``"pickle"`` (protocol 2–5 header), ``"npz"`` (zip) or ``"msgpack"`` (a map)."""
+def _is_text_pickle(data: bytes) -> bool:
+    """A protocol 0/1 pickle (no PROTO header): its opcodes parse up to a STOP at the very end."""
+    if not data or data[-1:] != pickle.STOP:
+        return False
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:
+        return False
+    return True
+
+
+def detect_format(data: bytes, source: str = "treex.load") -> Format:
+    """``"pickle"`` (protocol 0-5), ``"npz"`` (zip) or ``"msgpack"`` (a map), from the first bytes."""
     if len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5:
         return "pickle"
     if data[:2] == b"PK":  # zip: local header, or the end record of an empty archive
         return "npz"
     if data and (0x80 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF)):
         return "msgpack"
-    raise CheckpointError("treex.load: unknown checkpoint format (not a pickle, npz or msgpack map)")
+    if _is_text_pickle(data):
+        return "pickle"  # protocols 0 and 1 have no header
+    raise CorruptCheckpointError(
+        f"{source}: unknown checkpoint format: expected a pickle (protocol 0-5), an npz (zip) or a flax "
+        f"msgpack map, found {len(data)} bytes starting with {data[:8]!r}"
+    )
 
 
 # ============================================================ pickle → modules
@@ -96,7 +121,25 @@ _LEAVES = {
     "InstanceNorm": ("scale", "bias"),
     "SpectralNorm": ("u", "sigma"),
     "WeightNorm": ("scale",),
+    "Conv": ("kernel", "bias"),
+    "ConvTranspose": ("kernel", "bias"),
+    "Embed": ("embedding",),
+    "KeySeq": ("key",),
 }
+#: Layers rebuilt as ``cls(*positional, **keywords)`` from their pickled static fields.
+_LAYER_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Conv": (("features_out", "kernel_size"), ("strides", "padding", "input_dilation", "kernel_dilation",
+             "feature_group_count", "use_bias", "dtype", "param_dtype", "precision", "kernel_init", "bias_init")),
+    "ConvTranspose": (("features_out", "kernel_size"), ("strides", "padding", "kernel_dilation", "use_bias",
+                      "dtype", "param_dtype", "precision", "kernel_init", "bias_init")),
+    "Embed": (("num_embeddings", "features"), ("dtype", "embedding_init")),
+    "Dropout": (("rate",), ("broadcast_dims",)),
+    "KeySeq": ((), ()),
+    "Flatten": ((), ()),
+    "MLP": (("features",), ("activation", "use_bias", "dtype", "precision", "kernel_init", "bias_init")),
+}  # fmt: skip
+#: Fields a layer may lack in the pickle (flax 0.4.1 versions without them): their defaults apply.
+_OPTIONAL = {"param_dtype"}
 _CLASSES: dict[str, type[Module]] = {
     "BatchNorm": BatchNorm,
     "LayerNorm": LayerNorm,
@@ -108,6 +151,13 @@ _CLASSES: dict[str, type[Module]] = {
     "InstanceNorm": InstanceNorm,
     "SpectralNorm": SpectralNorm,
     "WeightNorm": WeightNorm,
+    "Conv": Conv,
+    "ConvTranspose": ConvTranspose,
+    "Embed": Embed,
+    "Dropout": Dropout,
+    "KeySeq": KeySeq,
+    "Flatten": Flatten,
+    "MLP": MLP,
 }
 
 
@@ -119,12 +169,25 @@ def _value(v: Any, source: str, where: str) -> Any:
         return up.resolve_ref(v)
     if isinstance(v, up.ArraySpec):
         if v.array is None:
-            raise CheckpointError(f"{source}: {where}: array without data")
+            raise CorruptCheckpointError(f"{source}: {where}: array without data")
         return up.to_jax(v.array)
     if isinstance(v, np.ndarray):
         return up.to_jax(v)
     if isinstance(v, up.DTypeSpec):
-        raise CheckpointError(f"{source}: {where}: a bare numpy dtype is not a treex field value")
+        raise CorruptCheckpointError(f"{source}: {where}: a bare numpy dtype is not a treex field value")
+    if isinstance(v, (up.FunctionStub, up.NamedWrapper)):
+        return up.resolve_function(v, source, where)
+    if isinstance(v, up.PartialSpec):
+        func = _value(v.func, source, f"{where}/func")
+        if not callable(func) or isinstance(func, (up.Ref, up.Inert)):
+            raise CorruptCheckpointError(
+                f"{source}: {where}: functools.partial of {func!r}, which has no safe replacement"
+            )
+        args = _plain(_value(v.args, source, f"{where}/args"), source, where)
+        kwargs = _plain(_value(v.kwargs, source, f"{where}/kwargs"), source, where)
+        return functools.partial(func, *args, **kwargs)
+    if isinstance(v, (up.Inert, up.InertObject)):
+        raise CorruptCheckpointError(f"{source}: {where}: {v!r} is not a treex field value")
     if isinstance(v, list):
         return [_value(x, source, f"{where}/{i}") for i, x in enumerate(v)]
     if isinstance(v, tuple):
@@ -134,22 +197,44 @@ def _value(v: Any, source: str, where: str) -> Any:
     return v
 
 
+def _plain(v: Any, source: str, where: str) -> Any:
+    """``v`` if it is plain data (numbers, strings, tuples/lists/dicts of them), else a CheckpointError."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x, source, where) for x in v)
+    if isinstance(v, dict):
+        return {k: _plain(x, source, where) for k, x in v.items()}
+    raise CorruptCheckpointError(f"{source}: {where}: functools.partial argument {v!r} is not plain data")
+
+
 def _module(p: up.Placeholder, source: str, where: str) -> Module:
     cls_name = p.qualname.rsplit(".", 1)[-1]
     if cls_name not in _CLASSES:
-        raise CheckpointError(f"{source}: {where}: {p.qualname} is not a module")
+        raise CorruptCheckpointError(f"{source}: {where}: {p.qualname} is not a module")
     state = p.state
     if state is None:
-        raise CheckpointError(f"{source}: {where}: {p.qualname} has no state")
+        raise CorruptCheckpointError(f"{source}: {where}: {p.qualname} has no state")
     label = f"{source}: {where or '<root>'} ({cls_name})"
 
     def get(field: str) -> Any:
         if field not in state:
-            raise CheckpointError(f"{label}: field {field!r} missing from the pickle")
+            raise CorruptCheckpointError(f"{label}: field {field!r} missing from the pickle")
         return _value(state[field], source, f"{where}/{field}" if where else field)
 
     try:
-        if cls_name in _NORM_STATIC:
+        if cls_name in _LAYER_ARGS:
+            positional, keywords = _LAYER_ARGS[cls_name]
+            kw = {f: get(f) for f in keywords if f in state or f not in _OPTIONAL}
+            module = _CLASSES[cls_name](*(get(f) for f in positional), **kw)
+            if cls_name == "Dropout":
+                key_seq = get("next_key")
+                if not isinstance(key_seq, KeySeq):
+                    raise CorruptCheckpointError(f"{label}: `next_key` must be a KeySeq module")
+                module.next_key = key_seq
+            elif cls_name == "MLP":
+                _mlp_children(module, state, get, label)
+        elif cls_name in _NORM_STATIC:
             module = _CLASSES[cls_name](**{f: get(f) for f in _NORM_STATIC[cls_name]})
         elif cls_name == "Linear":
             kernel_init = _value(state.get("kernel_init"), source, "kernel_init")
@@ -180,31 +265,48 @@ def _module(p: up.Placeholder, source: str, where: str) -> Module:
             module = Sequential()
             layers = get("layers")
             if not isinstance(layers, list) or not all(isinstance(m, Module) for m in layers):
-                raise CheckpointError(f"{label}: `layers` must be a list of modules")
+                raise CorruptCheckpointError(f"{label}: `layers` must be a list of modules")
             module.layers = layers
     except (TypeError, ValueError) as err:
-        if isinstance(err, CheckpointError):
+        if isinstance(err, errors.CheckpointError):
             raise
-        raise CheckpointError(f"{label}: bad configuration: {err}") from err
+        raise CorruptCheckpointError(f"{label}: bad configuration: {err}") from err
     for leaf in _LEAVES.get(cls_name, ()):
         value = get(leaf)
         if value is not None and not isinstance(value, jax.Array):
-            raise CheckpointError(f"{label}: leaf {leaf!r} must be an array or None, got {type(value).__name__}")
+            raise CorruptCheckpointError(f"{label}: leaf {leaf!r} must be an array or None, got {type(value).__name__}")
         setattr(module, leaf, value)
     for flag in _FLAGS:
         value = state.get(flag, flag == "_training")
         if not isinstance(value, bool):
-            raise CheckpointError(f"{label}: flag {flag!r} must be a bool, got {value!r}")
+            raise CorruptCheckpointError(f"{label}: flag {flag!r} must be a bool, got {value!r}")
         module.__dict__[flag] = value
     if isinstance(state.get("name"), str):
         module.name = state["name"]
     return module
 
 
+def _mlp_children(module: MLP, state: dict[str, Any], get: Any, label: str) -> None:
+    """treex's @compact children: ``_subtrees`` names them, each a ``Linear`` node field."""
+    names = state.get("_subtrees")
+    if names is None:
+        return  # not initialized: no children yet
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise CorruptCheckpointError(f"{label}: `_subtrees` must be a tuple of field names, got {names!r}")
+    if len(names) != len(list(module.features)):
+        raise CorruptCheckpointError(f"{label}: {len(names)} children for features {module.features!r}")
+    for name in names:
+        child = get(name)
+        if not isinstance(child, Linear):
+            raise CorruptCheckpointError(f"{label}: child {name!r} must be a Linear, got {type(child).__name__}")
+        module._set_child(name, child)
+    module.__dict__["_subtrees"] = tuple(names)
+
+
 def _from_pickle(data: bytes, source: str) -> Module:
     obj = up.safe_loads(data, source)
     if not isinstance(obj, up.Placeholder):
-        raise CheckpointError(f"{source}: the pickle does not hold a treex module (got {type(obj).__name__})")
+        raise CorruptCheckpointError(f"{source}: the pickle does not hold a treex module (got {type(obj).__name__})")
     return _module(obj, source, "")
 
 
@@ -225,20 +327,22 @@ def _msgpack_unpack(data: bytes, source: str) -> Any:
             if name == "bfloat16":  # not a numpy dtype name; flax writes it for jnp.bfloat16
                 count = int(np.prod(shape, dtype=np.int64))
                 if len(raw) != 2 * count:
-                    raise CheckpointError(f"{source}: msgpack bfloat16 array of {len(raw)} bytes for shape {shape}")
+                    raise CorruptCheckpointError(
+                        f"{source}: msgpack bfloat16 array of {len(raw)} bytes for shape {shape}"
+                    )
                 return np.frombuffer(raw, dtype=jnp.bfloat16).reshape(shape).copy()
             return up._array_from_bytes(raw, up.DTypeSpec(name), shape, "C", f"{source}: msgpack array")
         if code == 2:
             re, im = msgpack.unpackb(payload)
             return complex(re, im)
-        raise CheckpointError(f"{source}: unknown msgpack ext type {code}")
+        raise CorruptCheckpointError(f"{source}: unknown msgpack ext type {code}")
 
     try:
         return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.exceptions.ExtraData) as err:
-        if isinstance(err, CheckpointError):
+        if isinstance(err, errors.CheckpointError):
             raise
-        raise CheckpointError(f"{source}: not a flax msgpack state dict ({err})") from err
+        raise CorruptCheckpointError(f"{source}: not a flax msgpack state dict ({err})") from err
 
 
 def _npz_unpack(data: bytes, source: str) -> dict[str, Any]:
@@ -246,7 +350,7 @@ def _npz_unpack(data: bytes, source: str) -> dict[str, Any]:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             flat = {k: z[k] for k in z.files}
     except (ValueError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{source}: not a numpy npz of arrays ({err})") from err
+        raise CorruptCheckpointError(f"{source}: not a numpy npz of arrays ({err})") from err
     nested: dict[str, Any] = {}
     for key, arr in flat.items():
         parts = key.split("/")
@@ -254,7 +358,7 @@ def _npz_unpack(data: bytes, source: str) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise CheckpointError(f"{source}: key {key!r} conflicts with a leaf")
+                raise CorruptCheckpointError(f"{source}: key {key!r} conflicts with a leaf")
         node[parts[-1]] = arr
     return nested
 
@@ -264,12 +368,12 @@ def _fill(template: Any, state: Any, source: str, path: str, leaves_only_npz: bo
     where = path or "<root>"
     if isinstance(template, Module):
         if not isinstance(state, Mapping):
-            raise CheckpointError(f"{source}: {where}: expected a mapping for {type(template).__name__}")
+            raise CheckpointMismatchError(f"{source}: {where}: expected a mapping for {type(template).__name__}")
         new = template.copy()
         expected = {k for k, _ in vars(template).items() if not k.startswith("_") and template._is_node(k)}
         extra = set(state) - expected
         if extra:
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"{source}: {where}: unexpected entries {sorted(extra)} for {type(template).__name__}"
             )
         for field in sorted(expected):
@@ -278,37 +382,41 @@ def _fill(template: Any, state: Any, source: str, path: str, leaves_only_npz: bo
             if field not in state:
                 if leaves_only_npz and _no_leaves(value):
                     continue  # npz omits None fields and empty modules
-                raise CheckpointError(f"{source}: {sub}: missing from the checkpoint")
+                raise CheckpointMismatchError(f"{source}: {sub}: missing from the checkpoint")
             new.__dict__[field] = _fill(value, state[field], source, sub, leaves_only_npz)
         return new
     if isinstance(template, (list, tuple)):
         if isinstance(state, Mapping):
             keys = sorted(state, key=lambda k: int(k) if str(k).isdigit() else -1)
             if any(not str(k).isdigit() for k in keys) or any(int(k) >= len(template) for k in keys):
-                raise CheckpointError(f"{source}: {where}: list entries {keys} do not match {len(template)} items")
+                raise CheckpointMismatchError(
+                    f"{source}: {where}: list entries {keys} do not match {len(template)} items"
+                )
             state = [state.get(str(i), state.get(i)) if (str(i) in state or i in state) else _ABSENT
                      for i in range(len(template))]  # fmt: skip
         if not isinstance(state, (list, tuple)) or len(state) != len(template):
-            raise CheckpointError(f"{source}: {where}: expected {len(template)} items")
+            raise CheckpointMismatchError(f"{source}: {where}: expected {len(template)} items")
         out = []
         for i, (t, s) in enumerate(zip(template, state)):
             if s is _ABSENT:
                 if leaves_only_npz and _no_leaves(t):
                     out.append(_fill(t, {}, source, f"{path}/{i}", leaves_only_npz) if isinstance(t, Module) else t)
                     continue
-                raise CheckpointError(f"{source}: {path}/{i}: missing from the checkpoint")
+                raise CheckpointMismatchError(f"{source}: {path}/{i}: missing from the checkpoint")
             out.append(_fill(t, s, source, f"{path}/{i}", leaves_only_npz))
         return type(template)(out)
     if template is None:
         if state is not None:
-            raise CheckpointError(f"{source}: {where}: the template has None here (uninitialized?), file has data")
+            raise CheckpointMismatchError(
+                f"{source}: {where}: the template has None here (uninitialized?), file has data"
+            )
         return None
     if state is None:
-        raise CheckpointError(f"{source}: {where}: the checkpoint has None, the template an array")
+        raise CheckpointMismatchError(f"{source}: {where}: the checkpoint has None, the template an array")
     arr = np.asarray(state)
     t = jnp.asarray(template)
     if arr.shape != t.shape or arr.dtype != t.dtype:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{source}: {where}: shape/dtype {arr.shape} {arr.dtype} in the file, {t.shape} {t.dtype} in the template"
         )
     return up.to_jax(arr, weak_type=bool(getattr(t, "weak_type", False)))
@@ -338,7 +446,7 @@ def load(path_or_file: PathOrFile, template: Module | None = None, *, format: Fo
     ``format`` overrides detection from the file's first bytes.
     """
     data, source = _read(path_or_file)
-    fmt = format or detect_format(data)
+    fmt = format or detect_format(data, source)
     if fmt in ("pickle", "cloudpickle"):
         module = _from_pickle(data, source)
         if template is not None:

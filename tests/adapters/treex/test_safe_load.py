@@ -143,21 +143,29 @@ def test_cloudpickle_code_object_refused(tmp_path: pathlib.Path, spy_unpickler: 
     assert not target.exists() and spy_unpickler == []
 
 
-def test_sequential_fixture_cloudpickle_would_be_refused(treex_fixtures: pathlib.Path) -> None:
-    """The manifest lists the GLOBALs of the Sequential cloudpickles: their code-object GLOBALs are not allowed."""
+def test_every_fixture_global_is_allowed_and_nothing_else_new(
+    treex_fixtures: pathlib.Path, treex_model_fixtures: pathlib.Path
+) -> None:
+    """Every GLOBAL of every real-treex fixture file (manifests) is allowed; beyond those, the allow-list
+    holds only the documented aliases (other jax/numpy versions' names, normbridge's additions) and the
+    two layers reproduced without a fixture (ConvTranspose, Embed)."""
     import json
+    import re
 
-    fx = next(f for f in json.loads((treex_fixtures / "manifest.json").read_text())["fixtures"]
-              if f["name"].startswith("sequential"))  # fmt: skip
-    names = next(f["pickle_globals"] for f in fx["files"] if f["format"] == "cloudpickle")
-    refused = [n for n in names if n not in up.ALLOWED]
-    assert "cloudpickle.cloudpickle._make_function" in refused
-    # Every GLOBAL the single-layer fixtures use is allowed.
-    for f in json.loads((treex_fixtures / "manifest.json").read_text())["fixtures"]:
-        if f["name"] == fx["name"]:
-            continue
-        for fl in f["files"]:
-            assert all(n in up.ALLOWED for n in fl.get("pickle_globals", [])), fl["file"]
+    needed: set[str] = set()
+    for folder in (treex_fixtures, treex_model_fixtures):
+        for f in json.loads((folder / "manifest.json").read_text())["fixtures"]:
+            for fl in f["files"]:
+                needed |= set(fl.get("pickle_globals", []))
+    assert needed - set(up.ALLOWED) == set()
+    aliases = re.compile(
+        r"^(jax\.nn|jax\._src\.nn\.functions|jax\.numpy|jax\._src\.numpy\.ufuncs)\.(" + "|".join(up.ACTIVATIONS)
+        + r")$|^jax\._src\.nn\.initializers\.(zeros|ones)$|^jax\.numpy\.bfloat16$|^numpy\._core\."
+        r"|^jax\._src\.device_array\.|^normbridge\.adapters\.treex\.|^treex\.nn\.(batch_norm|layer_norm|group_norm)\."
+        r"|^treex\.types\.(Cache|ModelState|OptState|State|TreePart)$"
+    )  # fmt: skip
+    extra = {n for n in set(up.ALLOWED) - needed if not aliases.match(n)}
+    assert extra == {"treex.nn.conv.ConvTranspose", "treex.nn.embed.Embed"}
 
 
 def test_allowed_value_global_cannot_be_called(tmp_path: pathlib.Path) -> None:
