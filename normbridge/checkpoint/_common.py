@@ -83,8 +83,13 @@ def as_numpy(x: Any) -> np.ndarray:
 
 
 def describe(x: Any) -> str:
-    a = np.asarray(x)
-    return f"{a.dtype.name}{list(a.shape)}"
+    """``float32[3, 4]`` of an array or a ``jax.ShapeDtypeStruct``."""
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        a = np.asarray(x)
+        shape, dtype = a.shape, a.dtype
+    return f"{np.dtype(dtype).name}{list(shape)}"
 
 
 # ------------------------------------------------------------------ guarding foreign exceptions

@@ -4,6 +4,7 @@ arrays are views of the bytes read (``np.frombuffer``), so a lying shape cannot 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,26 @@ def guess_framework(tree: Any) -> str | None:
 
 
 def read(file: str) -> Checkpoint:
+    """``flax.serialization.msgpack_restore``'s result, unpacked from the open file by msgpack's
+    streaming ``Unpacker`` with flax's own ext hook and un-chunking (so the file's bytes and the
+    arrays are not both in memory: peak ≈ the arrays plus the largest one)."""
+    import msgpack
     from flax import serialization
 
-    with open(file, "rb") as fh:
-        data = fh.read()
-    with guard(file, "flax.serialization msgpack"):
-        tree = serialization.msgpack_restore(data)
+    with guard(file, "flax.serialization msgpack"), open(file, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        unpacker = msgpack.Unpacker(fh, ext_hook=serialization._msgpack_ext_unpack, raw=False,
+                                    strict_map_key=False, max_buffer_size=max(size, 1 << 20),
+                                    read_size=1 << 20)
+        tree = unpacker.unpack()
+        try:  # a checkpoint is one msgpack object: anything after it is damage
+            unpacker.unpack()
+        except msgpack.OutOfData:
+            pass
+        else:
+            raise CorruptCheckpointError("data after the state dict", file=file,
+                                         expected="one msgpack map", found="more objects after it")
+        tree = serialization._unchunk_array_leaves_in_place(tree)
     if not isinstance(tree, dict):
         raise CorruptCheckpointError("not a state dict", file=file, expected="a msgpack map of arrays",
                                      found=type(tree).__name__)

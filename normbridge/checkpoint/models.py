@@ -91,10 +91,12 @@ def mismatch(file: str, expected: Mapping[str, Any], found: Mapping[str, Any], w
     for p in expected:
         if p in found:
             a, b = np.asarray(found[p]), expected[p]
-            if tuple(a.shape) != tuple(np.shape(b)):
-                problems.append(f"{p}: shape {list(a.shape)} in the file, {list(np.shape(b))} in the {what}")
-            elif a.dtype != np.dtype(getattr(b, "dtype", np.asarray(b).dtype)):
-                problems.append(f"{p}: dtype {a.dtype} in the file, {np.dtype(b.dtype)} in the {what}")
+            b_shape = tuple(getattr(b, "shape", np.shape(b)))  # arrays or jax.ShapeDtypeStruct
+            b_dtype = np.dtype(getattr(b, "dtype", None) or np.asarray(b).dtype)
+            if tuple(a.shape) != b_shape:
+                problems.append(f"{p}: shape {list(a.shape)} in the file, {list(b_shape)} in the {what}")
+            elif a.dtype != b_dtype:
+                problems.append(f"{p}: dtype {a.dtype} in the file, {b_dtype} in the {what}")
     return problems
 
 
@@ -110,15 +112,15 @@ def _raise(file: str, problems: list[str], what: str) -> None:
 def _fill_by_path(file: str, tree: Any, leaves: Mapping[str, Any], what: str) -> Any:
     """A copy of the pytree ``tree`` whose leaves are taken from ``leaves`` by ``/`` path."""
     import jax
-    import jax.numpy as jnp
 
     from normbridge.testing import tree_paths
 
     want = tree_paths(tree)
     _raise(file, mismatch(file, want, leaves, what), what)
     flat, treedef = jax.tree_util.tree_flatten(tree)
-    paths = list(want)
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaves[p]) for p in paths[: len(flat)]])
+    assert len(flat) == len(want)
+    # numpy views of what was read: no second copy of a large checkpoint (jax takes them as they are)
+    return jax.tree_util.tree_unflatten(treedef, [np.asarray(leaves[p]) for p in want])
 
 
 def load_into(ckpt: Checkpoint, model: Any) -> Any:
