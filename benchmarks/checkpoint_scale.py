@@ -93,9 +93,9 @@ def main() -> None:
     scratch = tempfile.mkdtemp(prefix="nb-scale-", dir=args.dir)
     rows = []
     try:
-        startup, start_rss, _ = _run([sys.executable, "-c", "import normbridge.cli, normbridge.checkpoint, jax, "
-                                      "flax.linen, orbax.checkpoint; import benchmarks.checkpoint_scale as b; b.like()"],
-                                     env)
+        imports = ("import normbridge.cli, normbridge.checkpoint, jax, flax.linen, orbax.checkpoint; "
+                   "import benchmarks.checkpoint_scale as b; b.like()")
+        startup, start_rss, _ = _run([sys.executable, "-c", imports], env)
         for pair in args.pairs.split(","):
             src_fmt, dst_fmt = pair.split(":")
             src = os.path.join(scratch, "src" + ext[src_fmt])
