@@ -55,7 +55,24 @@ def read(file: str) -> Checkpoint:
 
 
 def write(dst: str, tree: Any, *, overwrite: bool = False) -> None:
+    """The bytes of ``flax.serialization.msgpack_serialize(to_state_dict(tree))``, written one array at a
+    time (same preparation, chunking and ext encoding as flax; a map is a header then its entries), so
+    the whole file is never in memory."""
+    import jax
+    import msgpack
     from flax import serialization
 
-    data = serialization.msgpack_serialize(serialization.to_state_dict(tree))
-    atomic_file(dst, lambda fh: fh.write(data), overwrite=overwrite)
+    state = jax.tree_util.tree_map(lambda x: x, serialization.to_state_dict(tree))
+    state = serialization._chunk_array_leaves_in_place(serialization._np_convert_in_place(state))
+    packer = msgpack.Packer(default=serialization._msgpack_ext_pack, strict_types=True)
+
+    def emit(fh: Any, node: Any) -> None:
+        if type(node) is dict:  # strict_types: exactly what packb would write as a map
+            fh.write(packer.pack_map_header(len(node)))
+            for k, v in node.items():
+                fh.write(packer.pack(k))
+                emit(fh, v)
+        else:
+            fh.write(packer.pack(node))
+
+    atomic_file(dst, lambda fh: emit(fh, state), overwrite=overwrite)
