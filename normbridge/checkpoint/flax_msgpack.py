@@ -33,7 +33,11 @@ def read(file: str) -> Checkpoint:
         unpacker = msgpack.Unpacker(fh, ext_hook=serialization._msgpack_ext_unpack, raw=False,
                                     strict_map_key=False, max_buffer_size=max(size, 1 << 20),
                                     read_size=1 << 20)
-        tree = unpacker.unpack()
+        try:
+            tree = unpacker.unpack()
+        except msgpack.OutOfData as err:
+            raise CorruptCheckpointError("truncated", file=file, expected="a complete flax.serialization msgpack",
+                                         found=f"the file ends inside it after {size} bytes (msgpack: {err})") from err
         try:  # a checkpoint is one msgpack object: anything after it is damage
             unpacker.unpack()
         except msgpack.OutOfData:
