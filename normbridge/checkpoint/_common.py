@@ -4,6 +4,7 @@ and the guard that turns a library's exception into normbridge's own."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
@@ -99,8 +100,15 @@ def guard(file: str, what: str) -> Iterator[None]:
     :class:`CorruptCheckpointError` naming the file and the format expected, the original chained."""
     try:
         yield
-    except CheckpointError:
-        raise
+    except CheckpointError as err:
+        if file in str(err):
+            raise
+        # an error from a wrapped loader that forgot the file: the same error, the file named first
+        named = copy.copy(err)
+        named.args = (f"{file}: {err}",)
+        if getattr(named, "file", None) is None:
+            named.file = file
+        raise named from err
     except MemoryError as err:
         raise CorruptCheckpointError(
             "declares more data than can be allocated", file=file, expected=f"a {what}", found="MemoryError"

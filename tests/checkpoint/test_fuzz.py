@@ -160,3 +160,15 @@ def test_every_reader_reads_its_undamaged_file(real_files, name):
         c = ck.read(real_files[name])
     assert c.leaves and c.format == name.split("-")[0] if name != "eqx-leaves" else c.format == "eqx-leaves"
     assert os.path.samefile(c.file, real_files[name])
+
+
+def test_found_by_the_thorough_profile_flipped_pickle_build_state(real_files, tmp_path):
+    """A bit flip at byte 434 of the treex pickle: the restricted unpickler's refusal names no file;
+    the reader adds it (found by HYPOTHESIS_PROFILE=thorough)."""
+    data = bytearray(real_files["pickle"].read_bytes())
+    data[434] ^= 1 << 1
+    path = tmp_path / "flipped.pkl"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        ck.read(path)
+    assert str(e.value).startswith(f"{path}: ") and e.value.file == str(path)
