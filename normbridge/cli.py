@@ -253,7 +253,7 @@ def _convert(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise BadInput(f"--map {args.map}: not a readable JSON object ({err})") from err
         if not isinstance(mapping, dict):
-            raise BadInput(f"--map {args.map}: expected a JSON object {{target path: source path}}")
+            raise BadInput(f"--map {args.map}: expected a JSON object {{source layer path: target layer path}}")
 
     with _progress(args, 5) as step:
         step(f"reading {args.src}")
@@ -279,7 +279,6 @@ def _convert(args: argparse.Namespace) -> int:
         step("converting")
         target, how, verified = _convert_models(src, source, like, mapping, verify=not args.no_verify, probe=probe)
         why = ("--no-verify" if args.no_verify else "no --source-model" if source is None
-               else "normbridge.convert (which runs both models) is not available" if _engine() is None
                else "no --probe" if probe is None else "")
         step(f"writing {dst}")
         expected = _fingerprints(models.write_model(dst, target, out_fmt, overwrite=args.overwrite))
@@ -350,44 +349,22 @@ def _probe(spec: str) -> Any:
 
 def _convert_models(src: Any, source: Any, like: Any, mapping: Any, *, verify: bool,
                     probe: Any = None) -> tuple[Any, str, Any]:
-    """``(target, how, verified)``: through ``normbridge.convert`` when the engine is present; else the
-    per-layer paths that exist (same framework: load by path; linen → NNX; treex → Equinox)."""
+    """``(target, how, verified)``. With a source model: ``normbridge.convert`` (pairing, layouts and
+    verification live there, once). Without: the file must already be in like's layout, and its
+    arrays are loaded into like by path (a change of format only, unverified)."""
     from normbridge.checkpoint import models
 
-    to_fw = models.framework_of(like)
     if source is None:
-        # No source model: the file must already be in the target's layout (a format change only).
         return models.load_into(src, like), "loading the file's arrays by path into --like", None
-    from_fw = models.framework_of(source)
-    engine = _engine()
-    if engine is not None:
-        target, report = engine(source, like, mapping=mapping, probe=probe, verify=verify)
-        verified = report.verified if report.verification is not None else None
-        return target, "normbridge.convert", verified
-    if from_fw == to_fw:
-        # Same framework: pairing by path (no guess); the models differ in nothing the file holds.
-        return models.load_into(src, like), "paths", None
-    if from_fw == "linen" and to_fw == "nnx":
-        import copy
-
-        from normbridge.adapters.nnx import migrate_linen_checkpoint
-
-        return migrate_linen_checkpoint(source[1], copy.deepcopy(like), mapping=mapping), \
-            "migrate_linen_checkpoint", None
-    if from_fw == "treex" and to_fw == "equinox":
-        from normbridge.adapters.treex import to_equinox
-
-        return to_equinox(source), "treex.to_equinox", None
-    from normbridge.errors import ConversionError
-
-    raise ConversionError(f"{from_fw} -> {to_fw}: needs normbridge.convert (the conversion engine), "
-                          "which this installation does not have")
+    target, report = _engine()(source, like, mapping=mapping, probe=probe, verify=verify)
+    verified = report.verified if report.verification is not None else None
+    return target, "normbridge.convert", verified
 
 
 def _engine() -> Any:
-    import normbridge
+    from normbridge import convert
 
-    return getattr(normbridge, "convert", None)
+    return convert
 
 
 
@@ -430,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="a function returning a model of the target architecture")
     con.add_argument("--source-model", metavar="PKG.MODULE:FACTORY",
                      help="a function returning a model of the source architecture (to verify the conversion)")
-    con.add_argument("--map", metavar="mapping.json", help="{target path: source path} for layers to pair")
+    con.add_argument("--map", metavar="mapping.json",
+                     help="normbridge.convert's mapping: {source layer path: target layer path} (null skips one)")
     con.add_argument("--probe", metavar="SHAPE|PKG.MODULE:FACTORY",
                      help="the input both models run on to pair layers by execution and verify: a shape "
                           "(2,5: a normal float32 batch) or a factory returning an array or (source input, like input)")

@@ -353,3 +353,22 @@ def test_convert_help_lists_the_options() -> None:
     for option in ("--like", "--source-model", "--map", "--no-verify", "--json", "--overwrite", "--format",
                    "--probe", "--quiet"):
         assert option in p.stdout
+
+
+def test_convert_map_and_verification_report(workdir: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    """--map is normbridge.convert's mapping: a wrong one is refused (exit 2) naming the path; a right
+    one converts, verified by running both models on --probe."""
+    base = ["convert", TREEX_MLP, "--source-model", "examples.models:treex_mlp", "--like",
+            "examples.models:equinox_mlp", "--probe", "6,5", "--json"]
+    (workdir / "bad.json").write_text(json.dumps({"layers/9": "layers/0"}))
+    assert cli.main([*base, "-o", "a.nbeqx", "--map", "bad.json"]) == 2
+    captured = capsys.readouterr()
+    assert "'layers/9' is not a layer of the source" in captured.err
+    assert json.loads(captured.out)["error"] == "ConversionError" and not (workdir / "a.nbeqx").exists()
+    (workdir / "good.json").write_text(json.dumps({f"layers/{i}": f"layers/{i}" for i in (0, 1, 3, 4)}))
+    assert cli.main([*base, "-o", "a.nbeqx", "--map", "good.json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["verified"] is True and result["how"] == "normbridge.convert"
+    assert result["target_framework"] == "equinox" and result["written_equals_converted"]
+    (workdir / "list.json").write_text("[1, 2]")
+    assert cli.main([*base, "-o", "b.nbeqx", "--map", "list.json"]) == 2
