@@ -421,5 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args)
+    import logging
+
+    # Orbax leaves TensorStore's error on a damaged checkpoint in an unawaited asyncio task too: it is
+    # already reported (as normbridge's error naming the file); its several-KB repeat is not.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     commands = {"inspect": _inspect, "diff": _diff, "convert": _convert}
     return _run(args, commands[args.command])

@@ -111,11 +111,15 @@ def guard(file: str, what: str) -> Iterator[None]:
         raise named from err
     except MemoryError as err:
         raise CorruptCheckpointError(
-            "declares more data than can be allocated", file=file, expected=f"a {what}", found="MemoryError"
+            "declares more data than can be allocated", file=file, expected=f"{_a(what)} {what}", found="MemoryError"
         ) from err
     except (Exception, RecursionError) as err:  # a damaged file can make a library raise anything
         found = f"{type(err).__name__}: {str(err)[:300]}"
-        raise CorruptCheckpointError("cannot be read", file=file, expected=f"a {what}", found=found) from err
+        raise CorruptCheckpointError("cannot be read", file=file, expected=f"{_a(what)} {what}", found=found) from err
+
+
+def _a(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
 def check_size(file: str, path: str, shape: tuple[int, ...], dtype: np.dtype, available: int) -> int:
