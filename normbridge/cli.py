@@ -182,7 +182,9 @@ def inspect_data(path: str, fmt: str | None = None) -> dict[str, Any]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    data = inspect_data(args.checkpoint, args.format)
+    with _progress(args, 1) as step:
+        step(f"reading {args.checkpoint}")
+        data = inspect_data(args.checkpoint, args.format)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -228,8 +230,10 @@ def diff_checkpoints(a: str, b: str, *, rtol: float | None = None, atol: float |
 
 
 def _diff(args: argparse.Namespace) -> int:
-    report = diff_checkpoints(args.a, args.b, rtol=args.rtol, atol=args.atol, max_ulp=args.ulp,
-                              fmt_a=args.format, fmt_b=args.format_b or args.format)
+    with _progress(args, 1) as step:
+        step(f"reading and comparing {args.a} and {args.b}")
+        report = diff_checkpoints(args.a, args.b, rtol=args.rtol, atol=args.atol, max_ulp=args.ulp,
+                                  fmt_a=args.format, fmt_b=args.format_b or args.format)
     if args.json:
         print(report.to_json())
     elif not args.quiet:
