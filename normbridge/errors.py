@@ -28,7 +28,33 @@ __all__ = [
 
 
 class CheckpointError(ValueError):
-    """A checkpoint could not be read, written or matched; the message names the file."""
+    """A checkpoint could not be read, written or matched; the message names the file.
+
+    Built either from a finished message (``CheckpointError("ckpt.msgpack: ...")``) or from its
+    parts, which are also kept as attributes for scripts: ``file`` (the checkpoint), ``path`` (the
+    path inside it, if any), ``expected`` and ``found``. With parts, the message reads
+    ``"<file>: <path>: <message>: expected <expected>, found <found>"``.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        file: str | None = None,
+        path: str | None = None,
+        expected: str | None = None,
+        found: str | None = None,
+    ) -> None:
+        self.file = file
+        self.path = path
+        self.expected = expected
+        self.found = found
+        parts = [p for p in (file, path, message) if p]
+        text = ": ".join(parts)
+        detail = ", ".join(f"{k} {v}" for k, v in (("expected", expected), ("found", found)) if v is not None)
+        if detail:
+            text = f"{text}: {detail}" if text else detail
+        super().__init__(text)
 
 
 class CorruptCheckpointError(CheckpointError):

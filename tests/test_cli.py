@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -176,3 +177,199 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+# ------------------------------------------------------------------ checkpoints: inspect, diff, convert
+TREEX_MLP = "normbridge/conformance/fixtures/treex/sequential_linear_bn_relu_linear_ln.state.msgpack"
+
+
+def _readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index(f"\n## {title}\n")
+    end = readme.index("\n## ", start + 1)
+    return readme[start:end]
+
+
+def _readme_commands() -> list[str]:
+    section = _readme_section("Checkpoint files and the command line")
+    blocks = re.findall(r"```console\n(.*?)```", section, flags=re.S)
+    return [ln[2:].strip() for b in blocks for ln in b.splitlines() if ln.startswith("$ ")]
+
+
+@pytest.fixture
+def workdir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A scratch folder where the README's relative paths (normbridge/..., examples.models) resolve."""
+    (tmp_path / "normbridge").symlink_to(ROOT / "normbridge")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    return tmp_path
+
+
+def _cli(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def test_readme_checkpoint_examples_run(workdir: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    """Every command of the README's checkpoint section, in order: all exit 0, both round trips are
+    bit-exact (``diff`` reports every leaf bitwise equal), ``inspect`` shows each file."""
+    commands = _readme_commands()
+    assert len(commands) == 10
+    diffs = []
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:2] in (["python", "-m"], ["python", "-c"]), command
+        capsys.readouterr()
+        if argv[1] == "-c":
+            exec(argv[2], {})
+            continue
+        assert argv[2] == "normbridge"
+        assert cli.main(argv[3:]) == 0, command
+        out = capsys.readouterr().out
+        if argv[3] == "diff":
+            diffs.append(out)
+        if argv[3] == "inspect":
+            assert "BatchNorm" in out and "params" in out, out
+    assert len(diffs) == 2
+    for out in diffs:
+        m = re.search(r"match: (\d+) leaves, \d+ elements \((\d+) bitwise\)", out)
+        assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 8, out
+    assert (workdir / "nnx.orbax").is_dir() and (workdir / "mlp.nbeqx").is_file()
+
+
+def test_cli_formats_match_the_package() -> None:
+    from normbridge import checkpoint
+
+    assert cli.FORMATS == checkpoint.FORMATS
+
+
+def test_inspect_json_flags_non_finite(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    from normbridge import checkpoint as ck
+
+    tree = {"params": {"Dense_0": {"kernel": np.array([[1.0, np.nan], [np.inf, 2.0]], np.float32),
+                                   "bias": np.zeros(2, np.float32)}}}
+    p = tmp_path / "x.msgpack"
+    ck.write_tree(p, tree, "msgpack")
+    assert _cli("inspect", str(p), "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == "msgpack" and data["framework"] == "linen" and data["parameters"] == 6
+    assert data["nonfinite"] == ["Dense_0/kernel"]
+    (kernel,) = [a for a in data["layers"][0]["arrays"] if a["name"] == "kernel"]
+    assert kernel["nan"] == 1 and kernel["inf"] == 1 and kernel["min"] == 1.0 and kernel["max"] == 2.0
+    assert data["layers"][0]["kind"] == "Dense"
+
+
+def test_inspect_names_leaves_of_a_file_without_names(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    import equinox as eqx
+    import jax
+
+    p = tmp_path / "m.eqx"
+    eqx.tree_serialise_leaves(p, eqx.nn.Linear(3, 2, key=jax.random.key(0)))
+    assert _cli("inspect", str(p), "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == "eqx-leaves" and "by index" in data["notes"][0]
+    assert [(ly["path"], ly["arrays"][0]["shape"]) for ly in data["layers"]] == [("<leaf 0>", [2, 3]),
+                                                                                 ("<leaf 1>", [2])]
+
+
+def test_diff_exit_codes_and_report(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    from normbridge import checkpoint as ck
+
+    a = {"params": {"LayerNorm_0": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}}}
+    b = {"params": {"LayerNorm_0": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}}}
+    b["params"]["LayerNorm_0"]["scale"][2] = np.nextafter(np.float32(1), np.float32(2))
+    ck.write_tree(tmp_path / "a.msgpack", a, "msgpack")
+    ck.write_tree(tmp_path / "b.orbax", b, "orbax")
+    ck.write_tree(tmp_path / "a.safetensors", a, "safetensors")
+    assert _cli("diff", str(tmp_path / "a.msgpack"), str(tmp_path / "a.safetensors")) == 0
+    capsys.readouterr()
+    assert _cli("diff", str(tmp_path / "a.msgpack"), str(tmp_path / "b.orbax"), "--json", "--rtol", "0",
+                "--atol", "0") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["failures"] == ["LayerNorm_0/scale"] and not report["ok"]
+    assert _cli("diff", str(tmp_path / "a.msgpack"), str(tmp_path / "b.orbax"), "--ulp", "1", "--quiet") == 0
+    assert _cli("diff", str(tmp_path / "a.msgpack"), str(tmp_path / "missing.msgpack")) == 2
+
+
+def test_damaged_input_is_exit_2_naming_the_file(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    data = (ROOT / TREEX_MLP).read_bytes()
+    cut = tmp_path / "cut.msgpack"
+    cut.write_bytes(data[: len(data) // 2])
+    assert _cli("inspect", str(cut)) == 2
+    err = capsys.readouterr().err
+    assert f"CorruptCheckpointError: {cut}: truncated: expected a complete flax.serialization msgpack" in err
+    assert "No more data to unpack" in err  # the library's own words, after normbridge's
+
+
+def test_missing_collection_is_one_message(workdir: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    from flax import serialization
+
+    from examples.models import linen_mlp
+
+    _, variables = linen_mlp()
+    p = workdir / "params_only.msgpack"
+    p.write_bytes(serialization.msgpack_serialize(serialization.to_state_dict({"params": variables["params"]})))
+    assert _cli("convert", str(p), "-o", "x.msgpack", "--like", "examples.models:linen_mlp") == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint has no batch_stats collection (2 arrays the linen model expects there)" in err
+    assert err.count("batch_stats") == 1 and len(err.strip().splitlines()) == 2
+    assert not (workdir / "x.msgpack").exists()
+
+
+def test_convert_refuses_an_existing_destination(workdir: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    src = str(workdir / TREEX_MLP)
+    dst = workdir / "out.npz"
+    dst.write_bytes(b"keep me")
+    args = ["convert", src, "-o", str(dst), "--like", "examples.models:treex_mlp"]
+    assert cli.main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and dst.read_bytes() == b"keep me"
+    assert cli.main([*args, "--overwrite", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["format"] == "npz" and result["written_equals_converted"]
+    assert result["verification"] == "unverified: no --source-model"
+    assert _cli("diff", str(dst), src) == 0
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("examples.models", "expected PKG.MODULE:FACTORY"),
+    ("examples.nothing:f", "cannot import"),
+    ("examples.models:nope", "has no 'nope'"),
+    ("json:dumps", "calling it with no arguments raised TypeError"),
+    ("builtins:dict", "not a model of a framework normbridge knows"),
+])
+def test_bad_factory_is_exit_2(workdir: pathlib.Path, capsys: pytest.CaptureFixture, spec: str, message: str) -> None:
+    assert _cli("convert", str(workdir / TREEX_MLP), "-o", "o.msgpack", "--like", spec) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_convert_help_lists_the_options() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, "-m", "normbridge", "convert", "--help"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for option in ("--like", "--source-model", "--map", "--no-verify", "--json", "--overwrite", "--format",
+                   "--probe", "--quiet"):
+        assert option in p.stdout
+
+
+def test_convert_map_and_verification_report(workdir: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    """--map is normbridge.convert's mapping: a wrong one is refused (exit 2) naming the path; a right
+    one converts, verified by running both models on --probe."""
+    base = ["convert", TREEX_MLP, "--source-model", "examples.models:treex_mlp", "--like",
+            "examples.models:equinox_mlp", "--probe", "6,5", "--json"]
+    (workdir / "bad.json").write_text(json.dumps({"layers/9": "layers/0"}))
+    assert cli.main([*base, "-o", "a.nbeqx", "--map", "bad.json"]) == 2
+    captured = capsys.readouterr()
+    assert "'layers/9' is not a layer of the source" in captured.err
+    assert json.loads(captured.out)["error"] == "ConversionError" and not (workdir / "a.nbeqx").exists()
+    (workdir / "good.json").write_text(json.dumps({f"layers/{i}": f"layers/{i}" for i in (0, 1, 3, 4)}))
+    assert cli.main([*base, "-o", "a.nbeqx", "--map", "good.json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["verified"] is True and result["how"] == "normbridge.convert"
+    assert result["target_framework"] == "equinox" and result["written_equals_converted"]
+    (workdir / "list.json").write_text("[1, 2]")
+    assert cli.main([*base, "-o", "b.nbeqx", "--map", "list.json"]) == 2
