@@ -12,11 +12,12 @@ measured in ``tests/core/test_fast_*.py`` and :mod:`normbridge.conformance.fast`
   reduction that keeps the minor axes contiguous (as BatchNorm does), then the small remainder.
   The division between the two keeps XLA from merging them back into one strided reduction.
 * **Two-pass variance with its exact derivative.** Autodiff of ``mean(|x − mean(x)|²)`` also
-  differentiates through the inner mean, a term that is zero in exact arithmetic but costs one more
-  x-sized reduction in the backward pass. :func:`centered_moments` is a ``jax.custom_jvp`` whose
-  rule is the exact derivative, ``dσ² = 2·E[(x − μ)·dx]``; it is linear in ``dx``, so reverse
-  mode, ``vmap`` and higher derivatives all follow from it (no ``custom_vjp``, which would forbid
-  forward mode).
+  differentiates through the inner mean, a term that is zero in exact arithmetic (it carries the
+  rounding error of the mean) but costs one more x-sized reduction in the backward pass.
+  :func:`centered_moments` computes that correction in the forward pass, fused with the second
+  pass (the corrected two-pass algorithm), and is a ``jax.custom_jvp`` whose rule is the exact
+  derivative, ``dσ² = 2·E[(x − μ)·dx]``; it is linear in ``dx``, so reverse mode, ``vmap`` and
+  higher derivatives all follow from it (no ``custom_vjp``, which would forbid forward mode).
 
 The variance *formula* is never changed (the one-pass ``E[x²] − E[x]²`` of flax stays one-pass,
 equinox's two-pass stays two-pass), so ill-conditioned inputs (large mean, tiny variance) are no
@@ -80,20 +81,42 @@ def means(
 @partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def centered_moments(x: jax.Array, red: tuple[int, ...], axis_name: Any = None,
                      axis_index_groups: Any = None) -> tuple[jax.Array, jax.Array]:
-    r"""Two-pass mean and biased variance over ``red``: :math:`\mu = E[x]`, :math:`E[(x-\mu)^2]` (real ``x``)."""
+    r"""Corrected two-pass mean and biased variance over ``red`` (real ``x``).
+
+    With :math:`\hat\mu = E[x]` rounded and :math:`d = x - \hat\mu`: :math:`\delta = E[d]`,
+    :math:`\mu = \hat\mu + \delta` and :math:`\sigma^2 = E[d^2] - \delta^2` (Björck's corrected
+    two-pass algorithm). The second pass sums ``d`` and ``d²`` together, so it reads ``x`` no more
+    often than the plain two-pass form; ``δ`` is the rounding error of ``μ̂``, which autodiff of the
+    plain form also recovers (through the inner mean, at the price of one more backward pass) and
+    which matters where the mean is large next to the spread (e.g. groups of two elements).
+    """
+    mu, delta, var = _corrected_two_pass(x, red, axis_name, axis_index_groups)
+    return mu + delta, var
+
+
+def _corrected_two_pass(x: jax.Array, red: tuple[int, ...], axis_name: Any,
+                        axis_index_groups: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(μ̂, δ, σ²)`` of :func:`centered_moments`, the correction ``δ`` kept apart from ``μ̂``."""
     (mu,) = means((x,), red, axis_name, axis_index_groups)
-    (var,) = means((lax.square(x - jnp.expand_dims(mu, red)),), red, axis_name, axis_index_groups)
-    return mu, var
+    d = x - jnp.expand_dims(mu, red)
+    delta, mean_sq = means((d, lax.square(d)), red, axis_name, axis_index_groups)
+    return mu, delta, jnp.maximum(0.0, mean_sq - lax.square(delta))
 
 
 @centered_moments.defjvp
 def _centered_moments_jvp(red, axis_name, axis_index_groups, primals, tangents):
-    r"""The exact derivative: :math:`d\mu = E[dx]`, :math:`d\sigma^2 = 2E[(x-\mu)dx]` (linear in ``dx``)."""
+    r"""The exact derivative: :math:`d\mu = E[dx]`, :math:`d\sigma^2 = 2E[(x-\mu)dx]` (linear in ``dx``).
+
+    ``x − μ`` is formed as ``(x − μ̂) − δ`` from the corrected two-pass pieces, so it needs no
+    further correction term (autodiff of the plain two-pass form gets that term from one more
+    x-sized reduction).
+    """
     (x,), (dx,) = primals, tangents
-    mu, var = centered_moments(x, red, axis_name, axis_index_groups)
-    centered = x - jnp.expand_dims(mu, red)
+    mu, delta, var = _corrected_two_pass(x, red, axis_name, axis_index_groups)
+    # (x − μ̂) − δ, not x − (μ̂ + δ): δ is far below one ulp of μ̂ and would round away.
+    centered = (x - jnp.expand_dims(mu, red)) - jnp.expand_dims(delta, red)
     dmu, dvar_half = means((dx, centered * dx), red, axis_name, axis_index_groups)
-    return (mu, var), (dmu, 2 * dvar_half)
+    return (mu + delta, var), (dmu, 2 * dvar_half)
 
 
 def reduced_moments(
