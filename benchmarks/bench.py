@@ -26,6 +26,7 @@ page faults on every fresh XLA buffer dominate the timings (see docs/benchmark.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -40,6 +41,11 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# Measure the checkout this script belongs to, not whichever normbridge is installed.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
 
 #: Allocator settings for the timed process: never mmap/unmap per buffer, never trim, one arena.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
@@ -948,6 +954,277 @@ def run(facades: Sequence[str], layers: Sequence[str] | None, shapes: Sequence[s
     return results, skipped
 
 
+# ---------------------------------------------------------------------------------------------
+# --versus: fast mode against the fastest native framework
+
+#: Native frameworks timed in --versus mode (treex has no native left; its facade runs flax's program).
+NATIVES: tuple[str, ...] = ("linen", "nnx", "equinox")
+#: Facades timed in exact and in fast mode in --versus mode.
+VERSUS_FACADES: tuple[str, ...] = ("linen", "nnx", "equinox")
+#: The normalization layers of --versus mode, per activation shape (no Dense wrappers: fast mode
+#: does not change SpectralNorm / WeightNorm).
+VERSUS_LAYERS: dict[str, tuple[str, ...]] = {
+    shape: tuple(layer for layer in layers if layer in ("bn_train", "bn_eval", "layernorm", "rmsnorm", "groupnorm",
+                                                        "instancenorm"))
+    for shape, layers in SHAPE_LAYERS.items() if shape != "dense_f32"
+}
+
+
+@dataclasses.dataclass
+class VersusResult:
+    """One (layer, shape) case of --versus mode: medians (ms) per implementation and phase."""
+
+    layer: str
+    shape: str
+    dtype: str
+    anchor_ms: float
+    #: name -> (fwd ms, fwd+bwd ms); names ``native linen`` ..., ``linen exact``, ``linen fast`` ...
+    ms: dict[str, tuple[float, float]]
+    #: name -> (big kernels fwd, big kernels fwd+bwd) of the compiled program (``None`` without --hlo)
+    big: dict[str, tuple[int, int]]
+    #: facade -> max |fast - exact| / max |exact| over output and gradients
+    fast_vs_exact: dict[str, float]
+    reps: int
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def fastest_native(self, phase: int) -> tuple[str, float]:
+        natives = {k.removeprefix("native "): v[phase] for k, v in self.ms.items() if k.startswith("native ")}
+        name = min(natives, key=natives.__getitem__)
+        return name, natives[name]
+
+    def best_fast(self, phase: int) -> tuple[str, float]:
+        fasts = {k.removesuffix(" fast"): v[phase] for k, v in self.ms.items() if k.endswith(" fast")}
+        name = min(fasts, key=fasts.__getitem__)
+        return name, fasts[name]
+
+    def ratio_to_fastest(self, facade: str, phase: int) -> float:
+        return self.ms[f"{facade} fast"][phase] / self.fastest_native(phase)[1]
+
+
+def _in_mode(fn: Callable[[], Any], mode: str) -> Callable[[], Any]:
+    """``fn`` called with normbridge's implementation switch set to ``mode`` (part of jit's cache key)."""
+    import normbridge
+
+    def call() -> Any:
+        with normbridge.fast(mode == "fast"):
+            return fn()
+
+    return call
+
+
+def versus_impls(layer: str, x: Any, facades: Sequence[str]) -> dict[str, tuple[Impl, str]]:
+    """``name -> (Impl, mode)``: every native framework that has ``layer``, and each facade in both modes."""
+    jnp = _jnp()
+    dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else None
+    builders = {
+        "linen": lambda ns: linen_impl(ns, layer, x, dtype),
+        "nnx": lambda ns: nnx_impl(ns, layer, x, dtype),
+        "equinox": lambda ns: equinox_impl(ns, layer, x, dtype),
+    }
+    native_ns = {"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox.nn"}
+    out: dict[str, tuple[Impl, str]] = {}
+    for fw in NATIVES:
+        with contextlib.suppress(Unsupported):  # e.g. equinox has no InstanceNorm
+            out[f"native {fw}"] = (builders[fw](importlib.import_module(native_ns[fw])), "exact")
+    for facade in facades:
+        try:
+            ns = importlib.import_module(f"normbridge.adapters.{facade}")
+            impl = builders[facade](ns)
+        except Unsupported:
+            continue
+        # separate Impls per mode: nnx updates its module in place, so each mode gets its own history
+        out[f"{facade} exact"] = (impl, "exact")
+        out[f"{facade} fast"] = (builders[facade](ns), "fast")
+    return out
+
+
+def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VERSUS_FACADES, quick: bool = False,
+                    timing: Timing | None = None, hlo: bool = True) -> VersusResult:
+    """Time every native framework, each facade in exact and fast mode, and the ``x * 2.0`` anchor,
+    interleaved in one run; check fast against exact on the first calls."""
+    import jax
+
+    full, small, dtype_name = SHAPES[shape_name]
+    timing = timing or (QUICK_TIMING if quick else Timing())
+    x = make_input(small if quick else full, dtype_name)
+    impls = versus_impls(layer, x, facades)
+    if not any(name.endswith(" fast") for name in impls):
+        raise Unsupported(f"no facade among {list(facades)} has {LAYERS[layer]}")
+    names = list(impls)
+    fns: list[Callable[[], Any]] = []
+    first: dict[str, tuple[Any, Any]] = {}
+    big: dict[str, tuple[int, int]] = {}
+    for name in names:
+        impl, mode = impls[name]
+        fwd, bwd = _in_mode(impl.call_fwd, mode), _in_mode(impl.call_bwd, mode)
+        fns += [fwd, bwd]
+        out = jax.block_until_ready(fwd())
+        grads = jax.block_until_ready(bwd())
+        first[name] = (impl.out_of(out), impl.grads_of(grads))
+        if hlo:
+            with importlib.import_module("normbridge").fast(mode == "fast"):
+                texts = [compiled_text(impl.fwd, impl.fwd_args), compiled_text(impl.bwd, impl.bwd_args)]
+            if all(t is not None for t in texts):
+                big[name] = (kernel_profile(texts[0])[1], kernel_profile(texts[1])[1])  # type: ignore[arg-type]
+    notes: list[str] = []
+    fast_vs_exact = {}
+    for facade in facades:
+        if f"{facade} fast" in first:
+            (ye, ge), (yf, gf) = first[f"{facade} exact"], first[f"{facade} fast"]
+            fast_vs_exact[facade] = max(max_diff(ye, yf, notes)[1], max_diff(ge, gf, notes)[1])
+    del first
+    anchor = jax.jit(lambda v: v * 2.0)
+    fns.append(lambda: anchor(x))
+    est = []
+    for f in fns:
+        t = 0.0
+        for _ in range(timing.warmup):
+            t, _ = _timed(f)
+        est.append(max(t, 1e-6))
+    targets = [timing.target_fwd_s, timing.target_bwd_s] * len(names) + [timing.target_fwd_s]
+    reps = [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+    samples = interleaved(fns, reps, timing.rounds)
+    med = [statistics.median(v) * 1e3 for v in samples]
+    ms = {name: (med[2 * i], med[2 * i + 1]) for i, name in enumerate(names)}
+    return VersusResult(LAYERS[layer], shape_name, dtype_name, med[-1], ms, big, fast_vs_exact,
+                        min(len(v) for v in samples), notes)
+
+
+VERSUS_COLUMNS = (
+    "layer", "shape", "fwd: fastest native", "ms", "xA", "fast ms (facade)", "xA", "fast / fastest", "fast / exact",
+    "fast / linen", "fwd+bwd: fastest native", "ms", "xA", "fast ms (facade)", "xA", "fast / fastest",
+    "fast / exact", "fast / linen", "big kernels fastest→fast fwd / bwd", "max rel Δ fast vs exact",
+)
+
+
+def versus_cells(r: VersusResult) -> list[str]:
+    """One summary row: the fastest native and the fastest fast-mode facade, per phase."""
+    cells = [r.layer, r.shape]
+    for phase in (0, 1):
+        nat, nat_ms = r.fastest_native(phase)
+        fac, fast_ms = r.best_fast(phase)
+        ratio = fast_ms / nat_ms
+        exact = r.ms[f"{fac} exact"][phase]
+        linen = r.ms.get("native linen", (math.nan, math.nan))[phase]
+        cells += [nat, f"{nat_ms:.2f}", f"{nat_ms / r.anchor_ms:.2f}", f"{fast_ms:.2f} ({fac})",
+                  f"{fast_ms / r.anchor_ms:.2f}", f"**{ratio:.2f}**" if ratio > 1.0 else f"{ratio:.2f}",
+                  f"{fast_ms / exact:.2f}", f"{fast_ms / linen:.2f}"]
+    nat0, nat1 = r.fastest_native(0)[0], r.fastest_native(1)[0]
+    fac0, fac1 = r.best_fast(0)[0], r.best_fast(1)[0]
+    if r.big:
+        b = r.big
+        cells.append(f"{b[f'native {nat0}'][0]}→{b[f'{fac0} fast'][0]} / "
+                     f"{b[f'native {nat1}'][1]}→{b[f'{fac1} fast'][1]}")
+    else:
+        cells.append("-")
+    cells.append(f"{max(r.fast_vs_exact.values()):.1e}" if r.fast_vs_exact else "-")
+    return cells
+
+
+def versus_detail(r: VersusResult) -> list[str]:
+    """Every implementation of one case: ms, xA and, for fast mode, the ratio to the fastest native."""
+    lines = [f"#### {r.layer}, {r.shape} (anchor `x * 2.0`: {r.anchor_ms:.2f} ms, {r.reps}+ reps)", "",
+             "| implementation | fwd ms | fwd xA | fwd+bwd ms | fwd+bwd xA | big kernels fwd / bwd | "
+             "fwd / fastest native | fwd+bwd / fastest native |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for name, (f, b) in r.ms.items():
+        big = r.big.get(name)
+        lines.append(f"| {name} | {f:.2f} | {f / r.anchor_ms:.2f} | {b:.2f} | {b / r.anchor_ms:.2f} | "
+                     f"{'-' if big is None else f'{big[0]} / {big[1]}'} | {f / r.fastest_native(0)[1]:.2f} | "
+                     f"{b / r.fastest_native(1)[1]:.2f} |")
+    return [*lines, ""]
+
+
+def versus_markdown(results: Sequence[VersusResult], argv: Sequence[str], wall_s: float, quick: bool,
+                    skipped: Sequence[str]) -> str:
+    lines = header(argv, wall_s, quick)
+    lines[0] = "# normbridge benchmark: fast mode vs the fastest native framework"
+    lines = [
+        *lines[:8],
+        "- Per case every native framework (flax.linen `jax.jit(apply)`, flax.nnx `nnx.jit`, equinox",
+        "  `eqx.filter_jit` + `vmap`, channels-first), each facade in exact mode and in fast mode",
+        "  (`normbridge.fast()`), and a jitted `x * 2.0` anchor are timed interleaved call by call in one",
+        "  run; ms = median. xA = time / anchor time (1.0 = one read + one write of x).",
+        "- fast / fastest = the fastest facade in fast mode / the fastest native framework (target <= 1.00,",
+        "  above in **bold**); fast / exact = that facade's fast / its own exact mode (= its native program);",
+        "  fast / linen = fast / native flax.linen. big kernels = compiled kernels streaming an x-sized array.",
+        "- max rel Δ = largest |fast - exact| / max |exact| over output and gradients (first calls).",
+        "",
+        "| " + " | ".join(VERSUS_COLUMNS) + " |",
+        "|---|---|" + "---|---:|---:|---:|---:|---:|---:|---:|" * 2 + "---|---:|",
+    ]
+    for r in results:
+        lines.append("| " + " | ".join(versus_cells(r)) + " |")
+    over = [(r, p) for r in results for p in (0, 1) if r.best_fast(p)[1] > r.fastest_native(p)[1]]
+    lines += ["", f"{len(results)} cases; {len(over)} phase(s) where fast mode is slower than the fastest native."]
+    if over:
+        lines += ["", "### Fast mode above the fastest native", ""]
+        for r, p in over:
+            nat, fac = r.fastest_native(p)[0], r.best_fast(p)[0]
+            phase = ("fwd", "fwd+bwd")[p]
+            b = r.big
+            kern = (f"big kernels {b[f'native {nat}'][p]} (native {nat}) vs {b[f'{fac} fast'][p]} ({fac} fast)"
+                    if f"native {nat}" in b and f"{fac} fast" in b else "no HLO comparison")
+            lines.append(f"- {r.layer} {r.shape} {phase}: {r.best_fast(p)[1] / r.fastest_native(p)[1]:.2f}; {kern}.")
+    lines += ["", "### Every implementation", ""]
+    for r in results:
+        lines += versus_detail(r)
+    if skipped:
+        lines += ["Skipped:", "", *[f"- {s}" for s in skipped]]
+    return "\n".join(lines) + "\n"
+
+
+VERSUS_README_START = "<!-- fast-table:start (written by benchmarks/bench.py --versus --readme) -->"
+VERSUS_README_END = "<!-- fast-table:end -->"
+
+
+def versus_readme_block(markdown: str) -> str:
+    """The README's fast-mode summary: the summary table of a --versus results file and its count line."""
+    lines = markdown.splitlines()
+    head = "| " + " | ".join(VERSUS_COLUMNS) + " |"
+    start = lines.index(head)
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    count = lines[end + 1] if end + 1 < len(lines) else ""
+    date = next((ln for ln in lines if ln.startswith("- Date:")), "")
+    return "\n".join([date, "", *lines[start:end], "", count]).strip() + "\n"
+
+
+def splice_versus_readme(readme: str, markdown: str) -> str:
+    if VERSUS_README_START not in readme or VERSUS_README_END not in readme:
+        raise ValueError(f"README has no fast-mode markers {VERSUS_README_START!r} ... {VERSUS_README_END!r}")
+    head, rest = readme.split(VERSUS_README_START, 1)
+    _, tail = rest.split(VERSUS_README_END, 1)
+    return f"{head}{VERSUS_README_START}\n{versus_readme_block(markdown)}{VERSUS_README_END}{tail}"
+
+
+def run_versus(layers: Sequence[str] | None, shapes: Sequence[str], facades: Sequence[str], *, quick: bool = False,
+               hlo: bool = True, log: Callable[[str], None] = print) -> tuple[list[VersusResult], list[str]]:
+    results: list[VersusResult] = []
+    skipped: list[str] = []
+    for shape in shapes:
+        for layer in VERSUS_LAYERS.get(shape, ()):
+            if layers is not None and layer not in layers:
+                continue
+            name = f"{LAYERS[layer]} {shape}"
+            t0 = time.perf_counter()
+            try:
+                r = run_versus_case(layer, shape, facades=facades, quick=quick, hlo=hlo)
+            except Unsupported as err:
+                skipped.append(f"{name}: {err}")
+                log(f"SKIP {name}: {err}")
+                continue
+            except Exception as err:  # one broken case must not hide the others
+                skipped.append(f"{name}: FAILED {type(err).__name__}: {str(err)[:200]}")
+                log(f"FAIL {name}: {type(err).__name__}: {err}")
+                continue
+            results.append(r)
+            nat0, fac0 = r.fastest_native(0), r.best_fast(0)
+            nat1, fac1 = r.fastest_native(1), r.best_fast(1)
+            log(f"{name}: fwd fast {fac0[1]:.2f} ms ({fac0[0]}) / fastest native {nat0[1]:.2f} ms ({nat0[0]}) = "
+                f"{fac0[1] / nat0[1]:.2f}; fwd+bwd {fac1[1]:.2f} ({fac1[0]}) / {nat1[1]:.2f} ({nat1[0]}) = "
+                f"{fac1[1] / nat1[1]:.2f}; anchor {r.anchor_ms:.2f} ms [{time.perf_counter() - t0:.1f} s]")
+    return results, skipped
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--facade", action="append", choices=FACADES, help="only these facades (repeatable)")
@@ -962,6 +1239,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-hlo", action="store_true", help="skip the HLO comparison (saves one compile per function)")
     p.add_argument("--no-recheck", action="store_true", help="do not re-time cases above the 1.05 target")
     p.add_argument("--no-reexec", action="store_true", help="do not re-execute with the GLIBC_TUNABLES allocator")
+    p.add_argument("--versus", action="store_true",
+                   help="fast mode vs the fastest native framework: every native framework, each facade in exact "
+                   "and fast mode and the x*2 anchor, interleaved (--facade picks the facades; default linen, nnx, "
+                   "equinox)")
     p.add_argument("--native-as-facade", action="store_true", help=argparse.SUPPRESS)  # harness self-test
     return p.parse_args(argv)
 
@@ -973,6 +1254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the allocator reads GLIBC_TUNABLES at process start, so the setting needs a fresh process
         env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+    if args.versus:
+        return _main_versus(args, argv)
     t0 = time.perf_counter()
     results, skipped = run(
         args.facade or FACADES,
@@ -999,6 +1282,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.readme, encoding="utf-8") as fh:
             write_atomic(args.readme, splice_readme(fh.read(), markdown))
         print(f"updated the benchmark section of {args.readme}")
+    print(f"{len(results)} cases in {wall:.0f} s")
+    return 0 if results else 1
+
+
+def _main_versus(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    t0 = time.perf_counter()
+    facades = [f for f in (args.facade or VERSUS_FACADES) if f in VERSUS_FACADES]
+    results, skipped = run_versus(args.layer, args.shape or (("tfm_f32",) if args.quick else tuple(VERSUS_LAYERS)),
+                                  facades, quick=args.quick, hlo=not (args.no_hlo or args.quick))
+    wall = time.perf_counter() - t0
+    markdown = versus_markdown(results, argv, wall, args.quick, skipped)
+    for s in skipped:
+        print(f"skipped: {s}")
+    if args.markdown:
+        write_atomic(args.markdown, markdown)
+        print(f"wrote {args.markdown}")
+    if args.readme:
+        with open(args.readme, encoding="utf-8") as fh:
+            write_atomic(args.readme, splice_versus_readme(fh.read(), markdown))
+        print(f"updated the fast-mode table of {args.readme}")
     print(f"{len(results)} cases in {wall:.0f} s")
     return 0 if results else 1
 
