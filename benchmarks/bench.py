@@ -1020,6 +1020,8 @@ class VersusResult:
     big: dict[str, tuple[int, int]]
     #: facade -> max |fast - exact| / max |exact| over output and gradients
     fast_vs_exact: dict[str, float]
+    #: name -> canonical optimized HLO (fwd, fwd+bwd), for "same program" verdicts (empty without --hlo)
+    programs: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict, repr=False)
     reps: int
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -1090,6 +1092,7 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
     fns: list[Callable[[], Any]] = []
     first: dict[str, tuple[Any, Any]] = {}
     big: dict[str, tuple[int, int]] = {}
+    programs: dict[str, tuple[str, str]] = {}
     for name in names:
         impl, mode = impls[name]
         fwd, bwd = _in_mode(impl.call_fwd, mode), _in_mode(impl.call_bwd, mode)
@@ -1102,6 +1105,7 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
                 texts = [compiled_text(impl.fwd, impl.fwd_args), compiled_text(impl.bwd, impl.bwd_args)]
             if all(t is not None for t in texts):
                 big[name] = (kernel_profile(texts[0])[1], kernel_profile(texts[1])[1])  # type: ignore[arg-type]
+                programs[name] = (canonical_hlo(texts[0]), canonical_hlo(texts[1]))  # type: ignore[arg-type]
     notes: list[str] = []
     fast_vs_exact = {}
     for facade in facades:
@@ -1123,7 +1127,7 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
     med = [statistics.median(v) * 1e3 for v in samples]
     ms = {name: (med[2 * i], med[2 * i + 1]) for i, name in enumerate(names)}
     return VersusResult(LAYERS[layer], shape_name, dtype_name, med[-1], ms, big, fast_vs_exact,
-                        min(len(v) for v in samples), notes)
+                        min(len(v) for v in samples), notes, programs)
 
 
 VERSUS_COLUMNS = (
@@ -1198,8 +1202,14 @@ def versus_markdown(results: Sequence[VersusResult], argv: Sequence[str], wall_s
             nat, fac = r.fastest_native(p)[0], r.best_fast(p)[0]
             phase = ("fwd", "fwd+bwd")[p]
             b = r.big
-            kern = (f"big kernels {b[f'native {nat}'][p]} (native {nat}) vs {b[f'{fac} fast'][p]} ({fac} fast)"
-                    if f"native {nat}" in b and f"{fac} fast" in b else "no HLO comparison")
+            progs = r.programs
+            if f"native {nat}" in progs and progs[f"native {nat}"][p] == progs.get(f"{fac} fast", ("", ""))[p]:
+                kern = (f"{fac} fast compiles to the identical program as native {nat} (HLO same): the "
+                        "difference is the machine, not the program")
+            elif f"native {nat}" in b and f"{fac} fast" in b:
+                kern = f"big kernels {b[f'native {nat}'][p]} (native {nat}) vs {b[f'{fac} fast'][p]} ({fac} fast)"
+            else:
+                kern = "no HLO comparison"
             lines.append(f"- {r.layer} {r.shape} {phase}: {r.best_fast(p)[1] / r.fastest_native(p)[1]:.2f}; {kern}.")
     lines += ["", "### Every implementation", ""]
     for r in results:
