@@ -1020,10 +1020,10 @@ class VersusResult:
     big: dict[str, tuple[int, int]]
     #: facade -> max |fast - exact| / max |exact| over output and gradients
     fast_vs_exact: dict[str, float]
-    #: name -> canonical optimized HLO (fwd, fwd+bwd), for "same program" verdicts (empty without --hlo)
-    programs: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict, repr=False)
     reps: int
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: name -> canonical optimized HLO (fwd, fwd+bwd), for "same program" verdicts (empty without --hlo)
+    programs: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict, repr=False)
 
     def fastest_native(self, phase: int) -> tuple[str, float]:
         natives = {k.removeprefix("native "): v[phase] for k, v in self.ms.items() if k.startswith("native ")}
