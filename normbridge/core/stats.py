@@ -104,8 +104,9 @@ def moments(
                 "moments: jnp_var=True is a two-pass form; it needs use_fast_variance=False, use_mean=True "
                 f"and conj_product=False (got {use_fast_variance=}, {use_mean=}, {conj_product=})"
             )
-    if use_fast() and mask is None and not jnp.iscomplexobj(x):
+    if use_fast() and mask is None and not jnp.iscomplexobj(x) and _fast.applies(x.ndim, red):
         # The one place fast mode is selected (normbridge.fast()): the same statistics, cheaper program.
+        # Where no cheaper program is known, fast mode traces the exact one.
         mu, var = _fast.reduced_moments(x, red, use_mean, use_fast_variance, axis_name, axis_index_groups,
                                         clip_two_pass)
         if keepdims:
