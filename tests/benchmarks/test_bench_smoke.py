@@ -148,6 +148,9 @@ def test_readme_shows_the_committed_results(bench: ModuleType) -> None:
     shown = readme.split(bench.README_START, 1)[1].split(bench.README_END, 1)[0]
     assert bench.SUMMARY_HEADER in shown  # the per-facade summary of the table, not only the notes
     assert "| linen | " in shown
+    fast = (ROOT / "benchmarks" / "results_fast.md").read_text(encoding="utf-8")
+    assert bench.splice_versus_readme(readme, fast) == readme  # written by --versus --readme
+    assert "| " + " | ".join(bench.VERSUS_COLUMNS) + " |" in readme
 
 
 def test_splice_readme_replaces_only_the_marked_block(bench: ModuleType) -> None:
