@@ -5,7 +5,7 @@ translate each framework's signature, state layout and mode flags into calls her
 """
 
 from normbridge.core.axes import canonicalize_axes, complement_axes, feature_shapes
-from normbridge.core.config import config, fast, implementation, use_fast
+from normbridge.core.config import fast, implementation, use_fast
 from normbridge.core.dtypes import result_dtype, stats_dtype, upcast_dtype
 from normbridge.core.groups import merge_groups, resolve_groups, split_groups
 from normbridge.core.normalize import affine, normalize
@@ -40,7 +40,6 @@ __all__ = [
     "as_matrix",
     "canonicalize_axes",
     "complement_axes",
-    "config",
     "debias",
     "divide_by_sigma",
     "ema",
