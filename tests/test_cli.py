@@ -14,10 +14,16 @@ import pytest
 
 import normbridge.conformance as conformance
 from normbridge import cli
-from normbridge.conformance import COLUMNS, Cell, Row, collect, measured
+from normbridge.conformance import COLUMNS, Cell, Row, collect, matrix, measured
 from normbridge.conformance.matrix import to_markdown
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _stub_fast_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fast-mode column is measured (tests/core/test_fast_accuracy.py); here only its rendering.
+    monkeypatch.setattr(matrix, "fast_column", lambda facade, layer: f"pass: fast {facade} {layer}")
 
 
 def _rows() -> list[Row]:
@@ -49,15 +55,16 @@ def test_cell_status_and_row_ok() -> None:
 def test_to_markdown_renders_every_cell() -> None:
     md = to_markdown(_rows())
     lines = md.splitlines()
-    header = "| facade | layer | " + " | ".join(COLUMNS) + " | evidence |"
+    header = "| facade | layer | " + " | ".join(COLUMNS) + " | fast mode | evidence |"
     assert header in lines
     table = [ln for ln in lines if ln.startswith("| ") and ln != header]
     assert len(table) == 3
     for ln in table:  # every row has all columns (a pipe inside a cell is escaped)
-        assert len(re.split(r"(?<!\\)\|", ln)) == len(COLUMNS) + 5
+        assert len(re.split(r"(?<!\\)\|", ln)) == len(COLUMNS) + 6
     assert "flax 0.12.8 \\| native" in md
     assert "FAIL: max rel 3.0e-02 (1/3 failed)" in md
     assert "deviation: follows documented intent" in md
+    assert "| pass: fast linen LayerNorm |" in md
     assert "| n/a |" in md  # the missing column
     assert "3 rows, 2 passing, 1 failing." in md
     assert "- **linen LayerNorm**: a note" in md

@@ -8,6 +8,7 @@ import platform
 from collections.abc import Sequence
 
 from normbridge.conformance import COLUMNS, Row
+from normbridge.conformance.fast import column as fast_column
 
 
 def versions() -> dict[str, str]:
@@ -48,8 +49,10 @@ def to_markdown(rows: Sequence[Row], sections: Sequence[str] = ()) -> str:
         "Measured on: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f" ({platform.machine()}, {backend()}).",
         f"Date: {datetime.date.today().isoformat()}.",
         "",
-        "| facade | layer | " + " | ".join(COLUMNS) + " | evidence |",
-        "|---|---|" + "---|" * len(COLUMNS) + "---|",
+        "`fast mode`: `normbridge.fast()` vs exact mode, and both vs float64 (normbridge.conformance.fast).",
+        "",
+        "| facade | layer | " + " | ".join(COLUMNS) + " | fast mode | evidence |",
+        "|---|---|" + "---|" * len(COLUMNS) + "---|---|",
     ]
     notes: list[str] = []
     for r in rows:
@@ -57,6 +60,7 @@ def to_markdown(rows: Sequence[Row], sections: Sequence[str] = ()) -> str:
         for col in COLUMNS:
             c = r.cells.get(col)
             cells.append("n/a" if c is None else _cell(f"{c.status}: {c.text}"))
+        cells.append(_cell(fast_column(r.facade, r.layer)))
         lines.append(f"| {r.facade} | {r.layer} | " + " | ".join(cells) + f" | {_cell(r.evidence)} |")
         if r.notes:
             notes.append(f"- **{r.facade} {r.layer}**: {r.notes}")

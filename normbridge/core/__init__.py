@@ -5,6 +5,7 @@ translate each framework's signature, state layout and mode flags into calls her
 """
 
 from normbridge.core.axes import canonicalize_axes, complement_axes, feature_shapes
+from normbridge.core.config import fast, implementation, use_fast
 from normbridge.core.dtypes import result_dtype, stats_dtype, upcast_dtype
 from normbridge.core.groups import merge_groups, resolve_groups, split_groups
 from normbridge.core.normalize import affine, normalize
@@ -43,7 +44,9 @@ __all__ = [
     "divide_by_sigma",
     "ema",
     "ema_blend",
+    "fast",
     "feature_shapes",
+    "implementation",
     "l2_normalize",
     "merge_groups",
     "moments",
@@ -59,6 +62,7 @@ __all__ = [
     "split_groups",
     "stats_dtype",
     "upcast_dtype",
+    "use_fast",
     "weight_norm_axes",
     "weight_norm_eqx",
     "weight_norm_flax",

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from normbridge.core import fast_stats as _fast
 from normbridge.core.axes import Axes, canonicalize_axes
+from normbridge.core.config import use_fast
 from normbridge.core.dtypes import stats_dtype
 
 
@@ -102,6 +104,15 @@ def moments(
                 "moments: jnp_var=True is a two-pass form; it needs use_fast_variance=False, use_mean=True "
                 f"and conj_product=False (got {use_fast_variance=}, {use_mean=}, {conj_product=})"
             )
+    if use_fast() and mask is None and not jnp.iscomplexobj(x) and _fast.applies(x.ndim, red):
+        # The one place fast mode is selected (normbridge.fast()): the same statistics, cheaper program.
+        # Where no cheaper program is known, fast mode traces the exact one.
+        mu, var = _fast.reduced_moments(x, red, use_mean, use_fast_variance, axis_name, axis_index_groups,
+                                        clip_two_pass)
+        if keepdims:
+            return jnp.expand_dims(mu, red), jnp.expand_dims(var, red)
+        return mu, var
+    if jnp_var:
         # mean first, as equinox writes it: the order of the ops fixes the order in which the
         # backward pass accumulates x's cotangent.
         mu = jnp.mean(x, axis=red, keepdims=keepdims)
