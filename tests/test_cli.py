@@ -9,12 +9,13 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 
 import normbridge.conformance as conformance
 from normbridge import cli
-from normbridge.conformance import COLUMNS, Cell, Row, collect, matrix, measured
+from normbridge.conformance import COLUMNS, Cell, Row, collect, measured
 from normbridge.conformance.matrix import to_markdown
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,14 +24,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _stub_fast_column(monkeypatch: pytest.MonkeyPatch) -> None:
     # The fast-mode column is measured (tests/core/test_fast_accuracy.py); here only its rendering.
-    monkeypatch.setattr(matrix, "fast_column", lambda facade, layer: f"pass: fast {facade} {layer}")
+    monkeypatch.setattr("normbridge.conformance.fast.cell", lambda facade, layer: Cell(True, f"fast {facade} {layer}"))
 
 
 def _rows() -> list[Row]:
     good = Row(
         "linen",
         "LayerNorm",
-        {c: Cell(True, "bitwise (3 cases)") for c in COLUMNS},
+        {**{c: Cell(True, "bitwise (3 cases)") for c in COLUMNS}, "fast mode": Cell(True, "fast linen LayerNorm")},
         evidence="flax 0.12.8 | native",
         notes="a note",
     )
@@ -50,6 +51,18 @@ def test_cell_status_and_row_ok() -> None:
     assert deviating.cells["outputs"].status == "deviation"
     assert failing.cells["gradients"].status == "FAIL"
     assert good.cells["outputs"].status == "pass"
+
+
+def test_a_failing_fast_mode_cell_fails_its_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast-mode contract is a measured cell like any other: a failure fails the row and the check."""
+    good = _rows()[0]
+    monkeypatch.setitem(sys.modules, "normbridge.conformance.linen", types.SimpleNamespace(rows=lambda: [good]))
+    monkeypatch.setattr("normbridge.conformance.fast.cell", lambda facade, layer: Cell(False, "vs exact 1.0e-03"))
+    (row,) = collect(["linen"])
+    assert row.cells["fast mode"].status == "FAIL" and not row.ok
+    monkeypatch.setattr("normbridge.conformance.fast.cell", lambda facade, layer: None)  # layer without fast mode
+    (row,) = collect(["linen"])
+    assert row.ok and row.cells["fast mode"].text == "fast linen LayerNorm"
 
 
 def test_to_markdown_renders_every_cell() -> None:

@@ -74,8 +74,13 @@ def sections(facades: Iterable[str] = FACADES) -> list[tuple[str, list[str]]]:
     return [conversion.section(facades)]
 
 
-def collect(facades: Iterable[str] = FACADES) -> list[Row]:
-    """Rows of every requested facade whose conformance module exists."""
+#: The matrix's columns: the per-facade measurements, then fast mode's accuracy contract.
+MATRIX_COLUMNS: tuple[str, ...] = (*COLUMNS, "fast mode")
+
+
+def collect(facades: Iterable[str] = FACADES, *, fast_mode: bool = True) -> list[Row]:
+    """Rows of every requested facade whose conformance module exists, each with its ``fast mode``
+    cell (:func:`normbridge.conformance.fast.cell`) unless ``fast_mode=False``."""
     rows: list[Row] = []
     for facade in facades:
         try:
@@ -85,4 +90,12 @@ def collect(facades: Iterable[str] = FACADES) -> list[Row]:
                 continue  # facade not built yet
             raise
         rows.extend(mod.rows())
+    if fast_mode:
+        from normbridge.conformance import fast
+
+        rows = [_with_cell(r, "fast mode", fast.cell(r.facade, r.layer)) for r in rows]
     return rows
+
+
+def _with_cell(row: Row, column: str, cell: Cell | None) -> Row:
+    return row if cell is None else dataclasses.replace(row, cells={**row.cells, column: cell})

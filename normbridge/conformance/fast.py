@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normbridge.conformance import Cell
 from normbridge.conformance.measure import REL_TOL, TreeDiff, tree_diff, tree_paths
 from normbridge.core.config import fast
 
@@ -337,21 +338,27 @@ def grid(facade: str, layer: str) -> list[FastCase]:
 
 
 @functools.cache
-def column(facade: str, layer: str) -> str:
+def cell(facade: str, layer: str) -> Cell | None:
     """The ``fast mode`` cell of one facade layer, over :func:`grid`: the largest deviation of fast
     from exact on well-conditioned inputs, and the worst relative error vs float64 of exact (= the
-    native library) and of fast over all conditionings (large mean, tiny variance, groups of two)."""
+    native library) and of fast over all conditionings (large mean, tiny variance, groups of two).
+    ``None`` where the facade has no such layer. A failing contract fails the matrix row."""
     if layer not in FACADE_LAYERS.get(facade, ()):
-        return "n/a"
+        return None
     try:
         results = [measure(c) for c in grid(facade, layer)]
     except Exception as err:  # a crash is a measured failure, not a crash of the report
-        return f"FAIL: error: {type(err).__name__}: {err}"[:200]
+        return Cell(False, f"error: {type(err).__name__}: {err}"[:200])
     well = [r for r in results if r.case.well_conditioned]
     ok = all(r.within() for r in well) and all(r.no_worse() for r in results)
     bitwise = all(r.vs_exact.exact() for r in results)
     dev = "bitwise = exact" if bitwise else f"vs exact {max(r.deviation for r in well):.1e}"
     err_exact = max(r.exact_err64 for r in results)
     err_fast = max(r.fast_err64 for r in results)
-    verdict = "pass" if ok else "FAIL"
-    return f"{verdict}: {dev}; vs float64 exact {err_exact:.1e} / fast {err_fast:.1e} ({len(results)} cases)"
+    return Cell(ok, f"{dev}; vs float64 exact {err_exact:.1e} / fast {err_fast:.1e} ({len(results)} cases)")
+
+
+def column(facade: str, layer: str) -> str:
+    """:func:`cell` as the matrix shows it: ``"pass: ..."``, ``"FAIL: ..."`` or ``"n/a"``."""
+    c = cell(facade, layer)
+    return "n/a" if c is None else f"{c.status}: {c.text}"

@@ -7,8 +7,7 @@ import importlib.metadata
 import platform
 from collections.abc import Sequence
 
-from normbridge.conformance import COLUMNS, Row
-from normbridge.conformance.fast import column as fast_column
+from normbridge.conformance import MATRIX_COLUMNS, Row
 
 
 def versions() -> dict[str, str]:
@@ -51,16 +50,15 @@ def to_markdown(rows: Sequence[Row], sections: Sequence[str] = ()) -> str:
         "",
         "`fast mode`: `normbridge.fast()` vs exact mode, and both vs float64 (normbridge.conformance.fast).",
         "",
-        "| facade | layer | " + " | ".join(COLUMNS) + " | fast mode | evidence |",
-        "|---|---|" + "---|" * len(COLUMNS) + "---|---|",
+        "| facade | layer | " + " | ".join(MATRIX_COLUMNS) + " | evidence |",
+        "|---|---|" + "---|" * len(MATRIX_COLUMNS) + "---|",
     ]
     notes: list[str] = []
     for r in rows:
         cells = []
-        for col in COLUMNS:
+        for col in MATRIX_COLUMNS:
             c = r.cells.get(col)
             cells.append("n/a" if c is None else _cell(f"{c.status}: {c.text}"))
-        cells.append(_cell(fast_column(r.facade, r.layer)))
         lines.append(f"| {r.facade} | {r.layer} | " + " | ".join(cells) + f" | {_cell(r.evidence)} |")
         if r.notes:
             notes.append(f"- **{r.facade} {r.layer}**: {r.notes}")
@@ -85,12 +83,12 @@ def print_table(rows: Sequence[Row]) -> None:
     table = Table(title="normbridge conformance", show_lines=False)
     table.add_column("facade")
     table.add_column("layer")
-    for col in COLUMNS:
+    for col in MATRIX_COLUMNS:
         table.add_column(col, overflow="fold")
     style = {"pass": "green", "FAIL": "bold red", "deviation": "yellow"}
     for r in rows:
         out = []
-        for col in COLUMNS:
+        for col in MATRIX_COLUMNS:
             c = r.cells.get(col)
             out.append("n/a" if c is None else f"[{style[c.status]}]{c.status}[/] {c.text}")
         table.add_row(r.facade, r.layer, *out)
