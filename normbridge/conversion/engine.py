@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from normbridge.conversion.base import (
@@ -615,6 +617,10 @@ def convert(
         }
         return record.replace(**keep) if keep else record
 
+    # A checkpoint read from disk holds numpy arrays (read-only, host memory); the target holds jax
+    # arrays like any model of its framework.
+    records = {t: jax.tree.map(lambda v: jnp.asarray(v) if isinstance(v, np.ndarray) else v, r)
+               for t, r in records.items()}  # fmt: skip
     try:
         target = tgt.spoke.write(tgt.obj, records, tgt.layers, adapt)
     except ConversionError as err:

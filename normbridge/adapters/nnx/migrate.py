@@ -313,6 +313,15 @@ def migrate_linen_checkpoint(
     for kind in kinds:
         ls = [p for p, e in lin.items() if e["kind"] == kind and p not in wrapped and p not in mapped_l]
         ns = [p for p, (k, _) in ours.items() if k == kind and p not in mapped_n]
+        alike = _same_shaped(ls, lin)
+        if len(ns) > 1 and alike:
+            # Pairing these by order is a guess no shape check can catch (NNX definition order need not
+            # be linen's call order): refuse rather than risk loading the wrong weights.
+            errors.append(
+                f"{kind}: linen layers {alike} have the same shapes, so pairing them by order cannot be checked; "
+                "pass module= and probe= (pairs by execution order and verifies outputs) or map each of them"
+            )
+            continue
         pairs.extend(zip(ns, ls))
         unmatched_n += ns[len(ls) :]
         unmatched_l += ls[len(ns) :]
@@ -359,6 +368,19 @@ def migrate_linen_checkpoint(
         else:
             target.set_value(value)
     return model
+
+
+def _same_shaped(paths: list[str], lin: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The layers among ``paths`` whose arrays have exactly the shapes of another one's."""
+
+    def signature(entry: Mapping[str, Any]) -> tuple:
+        return tuple(
+            sorted((col, name, tuple(np.shape(v))) for col in ("params", "batch_stats")
+                   for name, v in (entry.get(col) or {}).items())
+        )  # fmt: skip
+
+    sigs = [signature(lin[p]) for p in paths]
+    return [p for p, sig in zip(paths, sigs) if sigs.count(sig) > 1]
 
 
 def _migrate_by_execution(variables: Mapping[str, Any], model: Any, mapping: Any, module: Any, probe: Any) -> Any:

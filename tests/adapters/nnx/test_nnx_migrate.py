@@ -122,7 +122,7 @@ def test_migrated_model_matches_linen(fmt: str, linen_run, tmp_path) -> None:
         ck.save(src, ckpt)
         ck.wait_until_finished()
     model = NnxNet(nnx.Rngs(42))
-    F.migrate_linen_checkpoint(src, model)
+    F.migrate_linen_checkpoint(src, model, module=LinenNet(), probe=X)
     model.eval()
     _close(model(X), eval_before)
     _train_nnx(model)
@@ -136,6 +136,11 @@ def test_linen_layer_discovery(linen_run) -> None:
     assert kinds["SpectralNorm_0"] == "spectral_norm" and layers["SpectralNorm_0"]["wrapped"] == "Dense_0"
     assert layers["WeightNorm_0"]["wrapped"] == "Dense_1"
     assert list(F.migrate.nnx_layers(NnxNet(nnx.Rngs(0)))) == ["conv1", "bn1", "conv2", "bn2", "gn", "ln", "sn", "wn"]
+
+
+#: The same-shaped layers of the two models, mapped: without the linen module the checkpoint alone
+#: cannot say which of two same-shaped BatchNorms (or Convs) is which.
+SAME_SHAPED = {"conv1": "Conv_0", "conv2": "Conv_1", "bn1": "BatchNorm_0", "bn2": "BatchNorm_1"}
 
 
 def _broken(ckpt, how: str):
@@ -167,8 +172,9 @@ EXPECTED = {
 def test_mismatched_checkpoint_names_every_path_and_leaves_model_unchanged(how: str, linen_run) -> None:
     model = NnxNet(nnx.Rngs(3))
     before = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
+    mapping = {k: v for k, v in SAME_SHAPED.items() if not (how == "missing" and k == "conv2")}
     with pytest.raises(F.MigrationError) as err:
-        F.migrate_linen_checkpoint(_broken(linen_run[0], how), model)
+        F.migrate_linen_checkpoint(_broken(linen_run[0], how), model, mapping=mapping)
     for needle in EXPECTED[how]:
         assert needle in str(err.value), str(err.value)
     after = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
@@ -179,11 +185,11 @@ def test_explicit_mapping_overrides_order(linen_run) -> None:
     ckpt = linen_run[0]
     swapped = NnxNet(nnx.Rngs(0))
     # map bn1 <- BatchNorm_1 and bn2 <- BatchNorm_0: the values follow the mapping, not the order
-    F.migrate_linen_checkpoint(ckpt, swapped, mapping={"bn1": "BatchNorm_1", "bn2": "BatchNorm_0"})
+    F.migrate_linen_checkpoint(ckpt, swapped, mapping={**SAME_SHAPED, "bn1": "BatchNorm_1", "bn2": "BatchNorm_0"})
     assert np.array_equal(swapped.bn1.mean.get_value(), ckpt["batch_stats"]["BatchNorm_1"]["mean"])
     assert np.array_equal(swapped.bn2.scale.get_value(), ckpt["params"]["BatchNorm_0"]["scale"])
     with pytest.raises(F.MigrationError, match="not a layer of the checkpoint"):
-        F.migrate_linen_checkpoint(ckpt, NnxNet(nnx.Rngs(0)), mapping={"bn1": "Nope_0"})
+        F.migrate_linen_checkpoint(ckpt, NnxNet(nnx.Rngs(0)), mapping={**SAME_SHAPED, "bn1": "Nope_0"})
 
 
 def test_ambiguous_custom_named_layer_needs_mapping(linen_run) -> None:
@@ -192,10 +198,10 @@ def test_ambiguous_custom_named_layer_needs_mapping(linen_run) -> None:
     params["my_norm"] = params.pop("LayerNorm_0")  # {scale, bias} under a custom name: LN, GN or IN?
     renamed = {"params": params, "batch_stats": ckpt["batch_stats"]}
     with pytest.raises(F.MigrationError) as err:
-        F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)))
+        F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping=SAME_SHAPED)
     assert "ambiguous linen layers" in str(err.value) and "'my_norm'" in str(err.value)
     assert "unmatched nnx layers ['ln']" in str(err.value)
-    model = F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping={"ln": "my_norm"})
+    model = F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping={**SAME_SHAPED, "ln": "my_norm"})
     assert np.array_equal(model.ln.scale.get_value(), ckpt["params"]["LayerNorm_0"]["scale"])
 
 
@@ -216,6 +222,19 @@ def test_with_module_and_probe_pairs_by_execution_and_verifies(linen_run) -> Non
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-def test_order_pairing_without_module_is_deprecated(linen_run) -> None:
-    with pytest.warns(DeprecationWarning, match="module= and probe="):
-        F.migrate_linen_checkpoint(linen_run[0], NnxNet(nnx.Rngs(0)))
+def test_order_pairing_without_module_is_deprecated_and_refuses_same_shaped_layers(linen_run) -> None:
+    """The issue's trap: pairing same-shaped layers by order is a guess shape checks cannot catch.
+
+    Without the linen module it is refused, listing every such group, and nothing is written; with
+    the module and a probe the engine pairs by execution and verifies (test above)."""
+    model = NnxNet(nnx.Rngs(0))
+    before = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
+    with pytest.warns(DeprecationWarning, match="module= and probe="), pytest.raises(F.MigrationError) as err:
+        F.migrate_linen_checkpoint(linen_run[0], model, mapping={"conv1": "Conv_0"})
+    msg = str(err.value)
+    assert "batch_norm: linen layers ['BatchNorm_0', 'BatchNorm_1'] have the same shapes" in msg
+    assert "conv" not in msg.replace("batch_norm", "")  # the one remaining Conv pairs unambiguously
+    after = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    with pytest.warns(DeprecationWarning):
+        F.migrate_linen_checkpoint(linen_run[0], NnxNet(nnx.Rngs(0)), mapping=SAME_SHAPED)  # fully mapped: fine
