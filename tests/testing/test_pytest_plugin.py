@@ -75,6 +75,8 @@ def _sections(out: str) -> dict[str, str]:
         if line.startswith("_____") and " test_" in line:
             name = line.strip("_ ")
             parts[name] = ""
+        elif line.startswith("====="):  # the summary ends the last section (with CI set it repeats messages)
+            name = None
         elif name:
             parts[name] += line + "\n"
     return parts
