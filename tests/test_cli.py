@@ -250,6 +250,8 @@ def test_readme_checkpoint_examples_run(workdir: pathlib.Path, capsys: pytest.Ca
             diffs.append(out)
         if argv[3] == "inspect":
             assert "BatchNorm" in out and "params" in out, out
+        if argv[3] == "convert":  # every conversion of the README is verified by running both models
+            assert "verified" in out and "unverified" not in out, out
     assert len(diffs) == 2
     for out in diffs:
         m = re.search(r"match: (\d+) leaves, \d+ elements \((\d+) bitwise\)", out)
