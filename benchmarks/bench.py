@@ -1223,15 +1223,30 @@ VERSUS_README_START = "<!-- fast-table:start (written by benchmarks/bench.py --v
 VERSUS_README_END = "<!-- fast-table:end -->"
 
 
+#: The README's compact fast-mode table (the full one stays in benchmarks/results_fast.md).
+VERSUS_SUMMARY_COLUMNS = (
+    "layer", "shape", "fwd: fast / fastest native", "fwd+bwd: fast / fastest native",
+    "fast / flax.linen (fwd, fwd+bwd)",
+)
+
+
+def versus_summary_row(row: str) -> str:
+    """One compact README row from one row of the full ``VERSUS_COLUMNS`` table."""
+    c = [cell.strip() for cell in row.strip().strip("|").split("|")]
+    return f"| {c[0]} | {c[1]} | {c[7]} ({c[2]}) | {c[15]} ({c[10]}) | {c[9]}, {c[17]} |"
+
+
 def versus_readme_block(markdown: str) -> str:
-    """The README's fast-mode summary: the summary table of a --versus results file and its count line."""
+    """The README's fast-mode summary: per case, fast / fastest native per phase, and its count line."""
     lines = markdown.splitlines()
     head = "| " + " | ".join(VERSUS_COLUMNS) + " |"
     start = lines.index(head)
     end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
     count = lines[end + 1] if end + 1 < len(lines) else ""
     date = next((ln for ln in lines if ln.startswith("- Date:")), "")
-    return "\n".join([date, "", *lines[start:end], "", count]).strip() + "\n"
+    table = ["| " + " | ".join(VERSUS_SUMMARY_COLUMNS) + " |", "|---|---|---:|---:|---:|"]
+    table += [versus_summary_row(ln) for ln in lines[start + 2 : end]]
+    return "\n".join([date, "", *table, "", count]).strip() + "\n"
 
 
 def splice_versus_readme(readme: str, markdown: str) -> str:

@@ -150,7 +150,7 @@ def test_readme_shows_the_committed_results(bench: ModuleType) -> None:
     assert "| linen | " in shown
     fast = (ROOT / "benchmarks" / "results_fast.md").read_text(encoding="utf-8")
     assert bench.splice_versus_readme(readme, fast) == readme  # written by --versus --readme
-    assert "| " + " | ".join(bench.VERSUS_COLUMNS) + " |" in readme
+    assert "| " + " | ".join(bench.VERSUS_SUMMARY_COLUMNS) + " |" in readme  # compact; the full table in results_fast
 
 
 def test_splice_readme_replaces_only_the_marked_block(bench: ModuleType) -> None:
@@ -189,7 +189,10 @@ def test_versus_quick_case(bench: ModuleType) -> None:
     assert "#### GroupNorm(32), tfm_f32" in md and "- InstanceNorm x: because" in md
     readme = f"a\n{bench.VERSUS_README_START}\nold\n{bench.VERSUS_README_END}\nb\n"
     spliced = bench.splice_versus_readme(readme, md)
-    assert row in spliced and "old" not in spliced and spliced.endswith(f"{bench.VERSUS_README_END}\nb\n")
+    summary = bench.versus_summary_row(row)
+    assert summary.startswith("| GroupNorm(32) | tfm_f32 | ") and summary.count("|") == 6
+    assert summary in spliced and row not in spliced and "old" not in spliced
+    assert spliced.endswith(f"{bench.VERSUS_README_END}\nb\n")
 
 
 def test_versus_skips_a_layer_no_facade_has(bench: ModuleType) -> None:
