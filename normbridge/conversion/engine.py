@@ -10,6 +10,10 @@ Pairing, in this order, each pair checked before it is accepted:
 3. execution order: both models run once abstractly on the probe; the k-th call of each kind in the
    source is paired with the k-th in the target.
 
+RNG state (treex ``Rng`` leaves of a ``KeySeq``/``Dropout``, NNX ``RngState``, typed PRNG keys) is stateless
+for pairing, like Dropout and activations: it is never paired nor converted (the target keeps ``like``'s
+own) and is listed in the report's ``skipped_state``.
+
 Every pair must agree in kind, parameter shapes and (where both were called) activation shapes.
 Definition order is never used. Anything unpaired, conflicting or disagreeing is one
 :class:`~normbridge.errors.ConversionError` listing every problem and a suggested ``mapping``.
@@ -110,6 +114,7 @@ class _Side:
     layers: dict[str, Layer]
     calls: list[Call] | None
     stateless: list[str]
+    rng_state: list[str]
 
     @property
     def order(self) -> dict[str, int]:
@@ -140,9 +145,11 @@ def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: lis
     layers: dict[str, Layer] = {}
     calls = None
     stateless: list[str] = []
+    rng_state: list[str] = []
     try:
         layers = spoke.layers(obj, probe, call)
         stateless = spoke.stateless(obj, probe, call)
+        rng_state = spoke.rng_state(obj, probe, call)
         if probe is not None:
             calls = spoke.trace(obj, probe, call)
     except LookupError as err:
@@ -157,7 +164,7 @@ def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: lis
             f"{label} ({fw}): the probe run recorded no layer calls (does the call hook copy the model?); "
             "pairing by execution order is impossible"
         )
-    return _Side(label, fw, spoke, obj, probe, call, layers, calls, stateless)
+    return _Side(label, fw, spoke, obj, probe, call, layers, calls, stateless, rng_state)
 
 
 # --------------------------------------------------------------------------- pairing
@@ -665,7 +672,15 @@ def convert(
     else:
         notes.append("unverified (verify=False)")
     skipped = tuple(f"source {p}" for p in src.stateless) + tuple(f"like {p}" for p in tgt.stateless)
+    skipped_state = tuple(f"source {p}" for p in src.rng_state) + tuple(f"like {p}" for p in tgt.rng_state)
     report = ConversionReport(
-        src.framework, tgt.framework, tuple(pairs), skipped, verification, tuple(notes), train=train_check
+        src.framework,
+        tgt.framework,
+        tuple(pairs),
+        skipped,
+        verification,
+        tuple(notes),
+        train=train_check,
+        skipped_state=skipped_state,
     )
     return target, report

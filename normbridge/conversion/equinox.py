@@ -19,7 +19,7 @@ import jax
 
 from normbridge._optional import require
 from normbridge.conversion._util import CallRecorder, check_plain
-from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke
+from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke, is_rng_key
 from normbridge.core import KIND_OF_CLASS, layouts
 
 PLAIN_CLASSES = {
@@ -95,13 +95,14 @@ class EquinoxSpoke(Spoke):
     name = "equinox"
     family = "equinox"
 
-    def _walk(self, obj: Any) -> tuple[dict[str, Layer], list[str]]:
+    def _walk(self, obj: Any) -> tuple[dict[str, Layer], list[str], list[str]]:
         eqx = _eqx()
         from normbridge.adapters.equinox import canonical
 
         model, state = split(obj)
         layers: dict[str, Layer] = {}
         stateless: list[str] = []
+        rng: list[str] = []  # typed PRNG keys a user module stores: RNG state, not parameters
 
         def make(path: str, module: Any) -> Layer:
             kind = kind_of(module)
@@ -130,21 +131,28 @@ class EquinoxSpoke(Spoke):
                         continue
                     before = len(layers)
                     walk(value, path)
-                    if len(layers) == before and not any(_is_array(x) for x in jax.tree_util.tree_leaves(value)):
+                    if len(layers) == before and not any(
+                        _is_array(x) and not is_rng_key(x) for x in jax.tree_util.tree_leaves(value)
+                    ):
                         stateless.append(path)
                 elif isinstance(value, (list, tuple, Mapping)):
                     walk(value, path)
+                elif _is_array(value) and is_rng_key(value):
+                    rng.append(path)
                 elif _is_array(value):
                     layers[path] = Layer(path, "param", type(value).__name__, {"value": value}, None)
 
         walk(model, "")
-        return layers, stateless
+        return layers, stateless, rng
 
     def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
         return self._walk(model)[0]
 
     def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
         return self._walk(model)[1]
+
+    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
+        return self._walk(model)[2]
 
     def copy(self, obj: Any) -> Any:
         return obj
