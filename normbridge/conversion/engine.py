@@ -400,7 +400,26 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
     return _Plan(src, tgt, good, problems, notes, suggestion, hyper)
 
 
-def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
+#: Equinox norm layers with one ``channelwise_affine`` switch for scale and bias together.
+_ONE_AFFINE_SWITCH = ("batch_norm", "group_norm", "instance_norm")
+
+
+def _affine_fill(record: NormRecord, like_record: NormRecord) -> dict[str, Any]:
+    """A flax-family scale or bias that is off, for an Equinox layer that has both (one ``channelwise_affine``
+    switch): ones and zeros (``x * 1`` and ``x + 0`` are exact). Verification checks the outputs."""
+    import jax.numpy as jnp
+
+    if record.kind not in _ONE_AFFINE_SWITCH:
+        return {}
+    fill = {}
+    if record.scale is None and like_record.scale is not None:
+        fill["scale"] = jnp.ones_like(like_record.scale)
+    if record.bias is None and like_record.bias is not None:
+        fill["bias"] = jnp.zeros_like(like_record.bias)
+    return fill
+
+
+def _transforms(kind: str, a: Layer, sfw: str, tfw: str, b: Layer | None = None) -> tuple[str, ...]:
     out = []
     cross = (sfw == "equinox") != (tfw == "equinox")
     if cross and kind == "dense":
@@ -421,6 +440,11 @@ def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
             )
         if cross and kind == "weight_norm":
             out.append("gain per output unit (flax eps 1e-12 under the root, equinox none)")
+        if tfw == "equinox" and b is not None and isinstance(b.record, NormRecord):
+            filled = _affine_fill(rec, b.record)
+            if filled:
+                what = " and ".join({"scale": "scale -> ones", "bias": "bias -> zeros"}[k] for k in filled)
+                out.append(f"source without {'/'.join(filled)}: {what} (equinox's one channelwise_affine switch)")
     return tuple(out)
 
 
@@ -449,7 +473,7 @@ def _pairs(plan: _Plan) -> list[Pair]:
     out = []
     for s, t, how in plan.pairs:
         a, b = plan.src.layers[s], plan.tgt.layers[t]
-        out.append(Pair(s, t, a.kind, how, _transforms(a.kind, a, plan.src.framework, plan.tgt.framework)))
+        out.append(Pair(s, t, a.kind, how, _transforms(a.kind, a, plan.src.framework, plan.tgt.framework, b)))
         if a.inner is not None and b.inner is not None:
             out.append(
                 Pair(
@@ -620,7 +644,8 @@ def convert(
         keep = {
             f: getattr(like_record, f) for f, _, _, f32 in diffs if f in _HYPER and (f32 or on_mismatch == "keep_like")
         }
-        return record.replace(**keep) if keep else record
+        fill = _affine_fill(record, like_record) if tgt.framework == "equinox" else {}
+        return record.replace(**keep, **fill) if keep or fill else record
 
     try:
         target = tgt.spoke.write(tgt.obj, records, tgt.layers, adapt)

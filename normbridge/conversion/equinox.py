@@ -113,7 +113,7 @@ class EquinoxSpoke(Spoke):
                     record = None  # a stateful layer without a state: reported by the engine
                 layer = Layer(path, kind, type(module).__name__, record, module)
                 if kind in WRAPPER_KINDS:
-                    layer.inner = make(f"{path}/layer", module.layer)
+                    layer.inner = make(f"{path}/layer" if path else "layer", module.layer)
                 return layer
             meta = {}
             if kind in ("conv", "conv_transpose"):
@@ -142,7 +142,10 @@ class EquinoxSpoke(Spoke):
                 elif _is_array(value):
                     layers[path] = Layer(path, "param", type(value).__name__, {"value": value}, None)
 
-        walk(model, "")
+        if isinstance(model, eqx.Module) and kind_of(model) is not None:
+            layers[""] = make("", model)  # a bare layer: the model is one layer, path ""
+        else:
+            walk(model, "")
         return layers, stateless, rng
 
     def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
@@ -186,6 +189,9 @@ class EquinoxSpoke(Spoke):
         rec = CallRecorder()
         known = [p for p, layer in layers.items() if layer.kind != "param"]
         for path in sorted(known, key=lambda p: -p.count("/")):
+            if not path:  # a bare layer
+                model = _recording(model, path, rec)
+                continue
             parts = path.split("/")
             model = eqx.tree_at(lambda m, q=parts: get_at(m, q), model, _recording(get_at(model, parts), path, rec))
         # model and state as arguments: abstract (jax.eval_shape) arrays are fine
@@ -210,7 +216,7 @@ class EquinoxSpoke(Spoke):
                 every[layer.inner.path] = layer.inner
         problems: list[str] = []
         for path in sorted(records, key=lambda p: -p.count("/")):
-            record, layer, parts = records[path], every[path], path.split("/")
+            record, layer, parts = records[path], every[path], path.split("/") if path else []
             current = get_at(model, parts)
             if layer.kind in KIND_OF_CLASS.values():
                 try:
@@ -235,6 +241,9 @@ class EquinoxSpoke(Spoke):
                     problems += found
                     continue
                 new = _with_arrays(layer, current, record)
+            if not parts:  # a bare layer
+                model = new
+                continue
             model = eqx.tree_at(lambda m, q=parts: get_at(m, q), model, new, is_leaf=lambda x: x is None)
         if problems:
             raise ConversionError("writing the equinox target failed", problems=problems)

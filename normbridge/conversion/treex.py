@@ -103,7 +103,7 @@ class TreexSpoke(Spoke):
             if kind in KIND_OF_CLASS.values():
                 layer = Layer(path, kind, type(module).__name__, to_canonical(module), module)
                 if kind in WRAPPER_KINDS:
-                    layer.inner = make(f"{path}/layer", module.layer)
+                    layer.inner = make(f"{path}/layer" if path else "layer", module.layer)
                 return layer
             if kind is None:
                 return Layer(path, "unknown", type(module).__name__, None, module)
@@ -133,7 +133,10 @@ class TreexSpoke(Spoke):
                         path, "param", type(value).__name__, {"value": value}, node, meta={"attr": key}
                     )
 
-        walk(model, "")
+        if isinstance(model, module_cls) and kind_of(model) is not None:
+            layers[""] = make("", model)  # a bare layer: the model is one layer, path ""
+        else:
+            walk(model, "")
         return layers, outermost(stateless), rng
 
     def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
@@ -175,10 +178,11 @@ class TreexSpoke(Spoke):
 
         out = like.copy()
         problems: list[str] = []
+        root = [out]  # a bare layer (path ""): its parent is this holder
         for path in sorted(records, key=lambda p: -p.count("/")):
             record = records[path]
-            parts = path.split("/")
-            parent = out
+            parts = path.split("/") if path else ["0"]
+            parent = out if path else root
             for p in parts[:-1]:
                 parent = _get(parent, p)
             current = _get(parent, parts[-1])
@@ -214,4 +218,4 @@ class TreexSpoke(Spoke):
                     _put(parent, parts[-1], new)
         if problems:
             raise ConversionError("writing the treex target failed", problems=problems)
-        return out
+        return root[0]
