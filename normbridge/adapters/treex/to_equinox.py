@@ -15,9 +15,11 @@ treex layer (arrays float32, as treex stores them):
   ``feature_axes`` (``()`` for ``None``).
 
 The wrapped layer's own ``kernel``/``bias`` are not part of the record (as for linen/nnx).
-:func:`to_equinox` converts a whole loaded treex model (``Sequential``,
-``Linear``, ``Lambda``, ``BatchNorm``, ``LayerNorm``, ``GroupNorm``) to the
-equivalent Equinox model and its ``eqx.nn.State``:
+:func:`to_equinox` converts a whole loaded treex model to the equivalent Equinox model and
+its ``eqx.nn.State``. It is a thin wrapper over :func:`normbridge.convert` (one engine): it
+builds only the Equinox architecture (the layers below, with throw-away weights) and the
+mapping of where each treex layer went; ``convert`` writes every array (this module's
+``to_canonical`` is the treex spoke) and, given ``probe=``, verifies the outputs:
 
 * ``BatchNorm`` → ``BatchNorm(C, axis_name, eps, momentum, mode="ema",
   inference=True)`` with the treex running ``mean``/``var`` copied into the ema
@@ -27,7 +29,10 @@ equivalent Equinox model and its ``eqx.nn.State``:
 * ``GroupNorm`` → ``GroupNorm(G, C, eps, channelwise_affine)``;
 * ``Linear`` → ``eqx.nn.Linear(in, out)`` with ``weight = kernel.T`` (Equinox's
   ``(out, in)``) and the same bias;
-* ``Lambda`` → ``eqx.nn.Lambda``; ``Sequential`` → ``eqx.nn.Sequential``.
+* ``Lambda`` → ``eqx.nn.Lambda``; ``Sequential`` → ``eqx.nn.Sequential``;
+* ``Conv`` → ``eqx.nn.Conv`` (HWIO → OIHW, bias ``(out, 1, ..)``), ``Dropout`` → ``eqx.nn.Dropout``
+  (inference), ``Embed`` → ``eqx.nn.Embedding`` over every id, ``MLP`` → ``eqx.nn.Sequential``,
+  ``Flatten`` and non-elementwise ``Lambda`` in treex's channels-last order.
 
 Equinox layers see **one example, channels first**: call the result as
 ``jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)``
