@@ -75,6 +75,22 @@ def record_dtypes(record: Any) -> dict[str, str]:
     return {k: str(np.dtype(v.dtype)) for k, v in record_arrays(record).items() if hasattr(v, "dtype")}
 
 
+def is_rng_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``): RNG state in any framework, never a parameter."""
+    import jax
+
+    dtype = getattr(x, "dtype", None)
+    try:
+        return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def outermost(paths: list[str]) -> list[str]:
+    """``paths`` without those inside another listed path (a stateless block is listed once, not each part)."""
+    return [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
+
+
 def first_shape(tree: Any) -> tuple[int, ...] | None:
     """Shape of the first array leaf of ``tree`` (a layer's input or output)."""
     import jax
@@ -119,6 +135,11 @@ class Spoke:
 
     def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
         """Paths of called layers that hold no arrays (Dropout, activations): need no pairing."""
+        return []
+
+    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
+        """Paths of RNG-state leaves (treex ``Rng`` kind of a ``KeySeq``/``Dropout``, NNX ``RngState``, typed
+        keys): stateless for pairing, never converted (the target keeps ``like``'s own), listed in the report."""
         return []
 
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:

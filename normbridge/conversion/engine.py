@@ -10,6 +10,10 @@ Pairing, in this order, each pair checked before it is accepted:
 3. execution order: both models run once abstractly on the probe; the k-th call of each kind in the
    source is paired with the k-th in the target.
 
+RNG state (treex ``Rng`` leaves of a ``KeySeq``/``Dropout``, NNX ``RngState``, typed PRNG keys) is stateless
+for pairing, like Dropout and activations: it is never paired nor converted (the target keeps ``like``'s
+own) and is listed in the report's ``skipped_state``.
+
 Every pair must agree in kind, parameter shapes and (where both were called) activation shapes.
 Definition order is never used. Anything unpaired, conflicting or disagreeing is one
 :class:`~normbridge.errors.ConversionError` listing every problem and a suggested ``mapping``.
@@ -112,6 +116,7 @@ class _Side:
     layers: dict[str, Layer]
     calls: list[Call] | None
     stateless: list[str]
+    rng_state: list[str]
 
     @property
     def order(self) -> dict[str, int]:
@@ -142,9 +147,11 @@ def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: lis
     layers: dict[str, Layer] = {}
     calls = None
     stateless: list[str] = []
+    rng_state: list[str] = []
     try:
         layers = spoke.layers(obj, probe, call)
         stateless = spoke.stateless(obj, probe, call)
+        rng_state = spoke.rng_state(obj, probe, call)
         if probe is not None:
             calls = spoke.trace(obj, probe, call)
     except LookupError as err:
@@ -159,7 +166,7 @@ def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: lis
             f"{label} ({fw}): the probe run recorded no layer calls (does the call hook copy the model?); "
             "pairing by execution order is impossible"
         )
-    return _Side(label, fw, spoke, obj, probe, call, layers, calls, stateless)
+    return _Side(label, fw, spoke, obj, probe, call, layers, calls, stateless, rng_state)
 
 
 # --------------------------------------------------------------------------- pairing
@@ -395,7 +402,26 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
     return _Plan(src, tgt, good, problems, notes, suggestion, hyper)
 
 
-def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
+#: Equinox norm layers with one ``channelwise_affine`` switch for scale and bias together.
+_ONE_AFFINE_SWITCH = ("batch_norm", "group_norm", "instance_norm")
+
+
+def _affine_fill(record: NormRecord, like_record: NormRecord) -> dict[str, Any]:
+    """A flax-family scale or bias that is off, for an Equinox layer that has both (one ``channelwise_affine``
+    switch): ones and zeros (``x * 1`` and ``x + 0`` are exact). Verification checks the outputs."""
+    import jax.numpy as jnp
+
+    if record.kind not in _ONE_AFFINE_SWITCH:
+        return {}
+    fill = {}
+    if record.scale is None and like_record.scale is not None:
+        fill["scale"] = jnp.ones_like(like_record.scale)
+    if record.bias is None and like_record.bias is not None:
+        fill["bias"] = jnp.zeros_like(like_record.bias)
+    return fill
+
+
+def _transforms(kind: str, a: Layer, sfw: str, tfw: str, b: Layer | None = None) -> tuple[str, ...]:
     out = []
     cross = (sfw == "equinox") != (tfw == "equinox")
     if cross and kind == "dense":
@@ -416,6 +442,11 @@ def _transforms(kind: str, a: Layer, sfw: str, tfw: str) -> tuple[str, ...]:
             )
         if cross and kind == "weight_norm":
             out.append("gain per output unit (flax eps 1e-12 under the root, equinox none)")
+        if tfw == "equinox" and b is not None and isinstance(b.record, NormRecord):
+            filled = _affine_fill(rec, b.record)
+            if filled:
+                what = " and ".join({"scale": "scale -> ones", "bias": "bias -> zeros"}[k] for k in filled)
+                out.append(f"source without {'/'.join(filled)}: {what} (equinox's one channelwise_affine switch)")
     return tuple(out)
 
 
@@ -444,7 +475,7 @@ def _pairs(plan: _Plan) -> list[Pair]:
     out = []
     for s, t, how in plan.pairs:
         a, b = plan.src.layers[s], plan.tgt.layers[t]
-        out.append(Pair(s, t, a.kind, how, _transforms(a.kind, a, plan.src.framework, plan.tgt.framework)))
+        out.append(Pair(s, t, a.kind, how, _transforms(a.kind, a, plan.src.framework, plan.tgt.framework, b)))
         if a.inner is not None and b.inner is not None:
             out.append(
                 Pair(
@@ -615,7 +646,8 @@ def convert(
         keep = {
             f: getattr(like_record, f) for f, _, _, f32 in diffs if f in _HYPER and (f32 or on_mismatch == "keep_like")
         }
-        return record.replace(**keep) if keep else record
+        fill = _affine_fill(record, like_record) if tgt.framework == "equinox" else {}
+        return record.replace(**keep, **fill) if keep or fill else record
 
     # A checkpoint read from disk holds numpy arrays (read-only, host memory); the target holds jax
     # arrays like any model of its framework.
@@ -671,7 +703,15 @@ def convert(
     else:
         notes.append("unverified (verify=False)")
     skipped = tuple(f"source {p}" for p in src.stateless) + tuple(f"like {p}" for p in tgt.stateless)
+    skipped_state = tuple(f"source {p}" for p in src.rng_state) + tuple(f"like {p}" for p in tgt.rng_state)
     report = ConversionReport(
-        src.framework, tgt.framework, tuple(pairs), skipped, verification, tuple(notes), train=train_check
+        src.framework,
+        tgt.framework,
+        tuple(pairs),
+        skipped,
+        verification,
+        tuple(notes),
+        train=train_check,
+        skipped_state=skipped_state,
     )
     return target, report

@@ -19,7 +19,7 @@ import jax
 
 from normbridge._optional import require
 from normbridge.conversion._util import CallRecorder, check_plain
-from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke
+from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke, is_rng_key
 from normbridge.core import KIND_OF_CLASS, layouts
 
 PLAIN_CLASSES = {
@@ -95,13 +95,14 @@ class EquinoxSpoke(Spoke):
     name = "equinox"
     family = "equinox"
 
-    def _walk(self, obj: Any) -> tuple[dict[str, Layer], list[str]]:
+    def _walk(self, obj: Any) -> tuple[dict[str, Layer], list[str], list[str]]:
         eqx = _eqx()
         from normbridge.adapters.equinox import canonical
 
         model, state = split(obj)
         layers: dict[str, Layer] = {}
         stateless: list[str] = []
+        rng: list[str] = []  # typed PRNG keys a user module stores: RNG state, not parameters
 
         def make(path: str, module: Any) -> Layer:
             kind = kind_of(module)
@@ -112,7 +113,7 @@ class EquinoxSpoke(Spoke):
                     record = None  # a stateful layer without a state: reported by the engine
                 layer = Layer(path, kind, type(module).__name__, record, module)
                 if kind in WRAPPER_KINDS:
-                    layer.inner = make(f"{path}/layer", module.layer)
+                    layer.inner = make(f"{path}/layer" if path else "layer", module.layer)
                 return layer
             meta = {}
             if kind in ("conv", "conv_transpose"):
@@ -130,21 +131,31 @@ class EquinoxSpoke(Spoke):
                         continue
                     before = len(layers)
                     walk(value, path)
-                    if len(layers) == before and not any(_is_array(x) for x in jax.tree_util.tree_leaves(value)):
+                    if len(layers) == before and not any(
+                        _is_array(x) and not is_rng_key(x) for x in jax.tree_util.tree_leaves(value)
+                    ):
                         stateless.append(path)
                 elif isinstance(value, (list, tuple, Mapping)):
                     walk(value, path)
+                elif _is_array(value) and is_rng_key(value):
+                    rng.append(path)
                 elif _is_array(value):
                     layers[path] = Layer(path, "param", type(value).__name__, {"value": value}, None)
 
-        walk(model, "")
-        return layers, stateless
+        if isinstance(model, eqx.Module) and kind_of(model) is not None:
+            layers[""] = make("", model)  # a bare layer: the model is one layer, path ""
+        else:
+            walk(model, "")
+        return layers, stateless, rng
 
     def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
         return self._walk(model)[0]
 
     def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
         return self._walk(model)[1]
+
+    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
+        return self._walk(model)[2]
 
     def copy(self, obj: Any) -> Any:
         return obj
@@ -178,6 +189,9 @@ class EquinoxSpoke(Spoke):
         rec = CallRecorder()
         known = [p for p, layer in layers.items() if layer.kind != "param"]
         for path in sorted(known, key=lambda p: -p.count("/")):
+            if not path:  # a bare layer
+                model = _recording(model, path, rec)
+                continue
             parts = path.split("/")
             model = eqx.tree_at(lambda m, q=parts: get_at(m, q), model, _recording(get_at(model, parts), path, rec))
         # model and state as arguments: abstract (jax.eval_shape) arrays are fine
@@ -202,7 +216,7 @@ class EquinoxSpoke(Spoke):
                 every[layer.inner.path] = layer.inner
         problems: list[str] = []
         for path in sorted(records, key=lambda p: -p.count("/")):
-            record, layer, parts = records[path], every[path], path.split("/")
+            record, layer, parts = records[path], every[path], path.split("/") if path else []
             current = get_at(model, parts)
             if layer.kind in KIND_OF_CLASS.values():
                 try:
@@ -227,6 +241,9 @@ class EquinoxSpoke(Spoke):
                     problems += found
                     continue
                 new = _with_arrays(layer, current, record)
+            if not parts:  # a bare layer
+                model = new
+                continue
             model = eqx.tree_at(lambda m, q=parts: get_at(m, q), model, new, is_leaf=lambda x: x is None)
         if problems:
             raise ConversionError("writing the equinox target failed", problems=problems)

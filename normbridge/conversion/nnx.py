@@ -2,8 +2,9 @@
 
 Paths are attribute paths with ``nnx.List``/list indices (``blocks/0/conv1``). Layers are found by
 walking the module's attributes; their call order by wrapping each layer class's ``__call__`` during
-one abstract ``jax.eval_shape`` run of a clone (restored afterwards). Written targets are clones of
-``like`` (``nnx.clone``); ``like`` is never mutated.
+one abstract ``jax.eval_shape`` run of a clone (restored afterwards). ``nnx.RngState`` (a Dropout's
+``rngs``, an ``nnx.Rngs``) is RNG state: not paired, never converted, listed in the report. Written
+targets are clones of ``like`` (``nnx.clone``); ``like`` is never mutated.
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ class NnxSpoke(Spoke):
 
     def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
         return self._walk(model)[1]
+
+    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
+        """Every ``nnx.RngState`` (a Dropout's ``rngs`` key and count, an ``nnx.Rngs`` attribute)."""
+        nnx = _nnx()
+        return ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.RngState))]
 
     def copy(self, model: Any) -> Any:
         return _nnx().clone(model)

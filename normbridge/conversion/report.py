@@ -46,7 +46,12 @@ class Verification:
 
 @dataclasses.dataclass(frozen=True)
 class ConversionReport:
-    """Every pair, the skipped stateless layers, the verification (``None`` means unverified), notes."""
+    """Every pair, the skipped stateless layers and RNG state, the verification (``None`` means unverified), notes.
+
+    ``skipped``: called layers without arrays (Dropout, activations), ``"source <path>"`` / ``"like <path>"``.
+    ``skipped_state``: RNG-state leaves (a treex Dropout's ``next_key/key``, an NNX Dropout's ``rngs``):
+    not converted; the target keeps ``like``'s own.
+    """
 
     source_framework: str
     target_framework: str
@@ -56,6 +61,7 @@ class ConversionReport:
     notes: tuple[str, ...] = ()
     #: ``verify="train"``: one train-mode pass, outputs and updated statistics compared (gradients are not).
     train: Verification | None = None
+    skipped_state: tuple[str, ...] = ()
 
     @property
     def verified(self) -> bool:
@@ -68,6 +74,7 @@ class ConversionReport:
             "target_framework": self.target_framework,
             "pairs": [p.to_dict() for p in self.pairs],
             "skipped": list(self.skipped),
+            "skipped_state": list(self.skipped_state),
             "verification": None if self.verification is None else dataclasses.asdict(self.verification),
             "train": None if self.train is None else dataclasses.asdict(self.train),
             "verified": self.verified,
@@ -85,6 +92,8 @@ class ConversionReport:
             lines.append(f"  {p.source:<{width}} -> {p.target}  ({p.kind}, {p.how}){extra}")
         if self.skipped:
             lines.append(f"  stateless, not paired: {', '.join(self.skipped)}")
+        if self.skipped_state:
+            lines.append(f"  RNG state, not converted (like's own kept): {', '.join(self.skipped_state)}")
         lines.append("  verification: " + ("unverified" if self.verification is None else self.verification.text()))
         if self.train is not None:
             lines.append("  verification: " + self.train.text())

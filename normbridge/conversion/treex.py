@@ -4,8 +4,11 @@ Paths are attribute paths with list indices (``layers/0``, as ``Module.to_dict``
 are recognised by class name and fields: the norm layers through
 :func:`normbridge.adapters.treex.to_canonical` / :func:`~normbridge.adapters.treex.from_canonical`,
 ``Linear`` (``kernel (in, out)``, ``bias``), ``Conv`` (``kernel`` HWIO, ``bias``), ``Embed``
-(``embedding``) in flax's layouts. Call order: each layer class's ``__call__`` is wrapped during one
-abstract ``jax.eval_shape`` run of a copy. Targets are ``like.copy()``; ``like`` is never mutated.
+(``embedding``) in flax's layouts. Leaves of treex's ``Rng`` kind (a ``KeySeq``'s key, so a ``Dropout``'s) and
+typed PRNG keys are RNG state: not layers, never converted (the target keeps ``like``'s), listed in the
+report; a module holding only such state (``Dropout``) is stateless. Call order: each layer class's
+``__call__`` is wrapped during one abstract ``jax.eval_shape`` run of a copy. Targets are
+``like.copy()``; ``like`` is never mutated.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import jax
 
 from normbridge.conversion._util import CallRecorder, check_plain, patched_calls
-from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke
+from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke, is_rng_key, outermost
 from normbridge.core import KIND_OF_CLASS
 
 PLAIN_CLASSES = {
@@ -40,6 +43,15 @@ def kind_of(module: Any) -> str | None:
     if name in PLAIN_CLASSES and all(hasattr(module, f) for f in PLAIN_CLASSES[name][1]):
         return PLAIN_CLASSES[name][0]
     return None
+
+
+def _rng_kind(module: Any, field: str) -> bool:
+    """Whether ``module``'s ``field`` is of treex's ``Rng`` kind (or a subclass), as ``filter(tx.Rng)`` decides."""
+    from normbridge.adapters.treex.module import Rng
+
+    meta = getattr(module, "_field_metadata", {}).get(field)
+    kind = getattr(meta, "kind", None)
+    return isinstance(kind, type) and issubclass(kind, Rng)
 
 
 def _children(node: Any) -> list[tuple[str, Any]]:
@@ -77,19 +89,21 @@ class TreexSpoke(Spoke):
     name = "treex"
     family = "flax"
 
-    def _walk(self, model: Any) -> tuple[dict[str, Layer], list[str]]:
+    def _walk(self, model: Any) -> tuple[dict[str, Layer], list[str], list[str]]:
+        """``(layers, stateless module paths, RNG-state leaf paths)`` of a treex model."""
         from normbridge.adapters.treex import to_canonical
 
         module_cls = _module_cls()
         layers: dict[str, Layer] = {}
         stateless: list[str] = []
+        rng: list[str] = []
 
         def make(path: str, module: Any) -> Layer:
             kind = kind_of(module)
             if kind in KIND_OF_CLASS.values():
                 layer = Layer(path, kind, type(module).__name__, to_canonical(module), module)
                 if kind in WRAPPER_KINDS:
-                    layer.inner = make(f"{path}/layer", module.layer)
+                    layer.inner = make(f"{path}/layer" if path else "layer", module.layer)
                 return layer
             if kind is None:
                 return Layer(path, "unknown", type(module).__name__, None, module)
@@ -97,9 +111,11 @@ class TreexSpoke(Spoke):
             arrays = {f: getattr(module, f) for f in fields if getattr(module, f) is not None}
             return Layer(path, kind, type(module).__name__, arrays, module)
 
-        def walk(node: Any, prefix: str) -> None:
+        def walk(node: Any, prefix: str, rng_field: bool = False) -> None:
             for key, value in _children(node):
                 path = f"{prefix}/{key}" if prefix else key
+                # a leaf under a field of treex's Rng kind (KeySeq.key, a Dropout's key) is RNG state
+                is_rng = rng_field or (isinstance(node, module_cls) and _rng_kind(node, key))
                 if isinstance(value, module_cls):
                     if kind_of(value) is not None:
                         layers[path] = make(path, value)
@@ -109,20 +125,28 @@ class TreexSpoke(Spoke):
                     if len(layers) == before:
                         stateless.append(path)
                 elif isinstance(value, (list, tuple, Mapping)):
-                    walk(value, path)
+                    walk(value, path, is_rng)
+                elif _is_array(value) and (is_rng or is_rng_key(value)):
+                    rng.append(path)
                 elif _is_array(value) and prefix is not None:
                     layers[path] = Layer(
                         path, "param", type(value).__name__, {"value": value}, node, meta={"attr": key}
                     )
 
-        walk(model, "")
-        return layers, stateless
+        if isinstance(model, module_cls) and kind_of(model) is not None:
+            layers[""] = make("", model)  # a bare layer: the model is one layer, path ""
+        else:
+            walk(model, "")
+        return layers, outermost(stateless), rng
 
     def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
         return self._walk(model)[0]
 
     def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
         return self._walk(model)[1]
+
+    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
+        return self._walk(model)[2]
 
     def copy(self, model: Any) -> Any:
         return model.copy()
@@ -154,10 +178,11 @@ class TreexSpoke(Spoke):
 
         out = like.copy()
         problems: list[str] = []
+        root = [out]  # a bare layer (path ""): its parent is this holder
         for path in sorted(records, key=lambda p: -p.count("/")):
             record = records[path]
-            parts = path.split("/")
-            parent = out
+            parts = path.split("/") if path else ["0"]
+            parent = out if path else root
             for p in parts[:-1]:
                 parent = _get(parent, p)
             current = _get(parent, parts[-1])
@@ -193,4 +218,4 @@ class TreexSpoke(Spoke):
                     _put(parent, parts[-1], new)
         if problems:
             raise ConversionError("writing the treex target failed", problems=problems)
-        return out
+        return root[0]

@@ -416,3 +416,72 @@ def test_a_model_not_callable_the_default_way_asks_for_a_call_hook() -> None:
     hook = lambda m, x, train: m[0].apply(m[1], x, jnp.ones((1, 3)))  # noqa: E731
     _, report = normbridge.convert((module, variables), (module, variables), probe=x, call=(hook, hook))
     assert report.verification.bitwise
+
+
+def _treex_dropout_mlp(seed: int):
+    from normbridge.adapters import treex as tx
+
+    return tx.Sequential(tx.Linear(5), tx.Dropout(0.5), jax.nn.relu, tx.Linear(3)).init(seed, M.features())
+
+
+class NnxDropoutMlp(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.lin1 = nnx.Linear(6, 5, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.lin2 = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.lin2(jax.nn.relu(self.drop(self.lin1(x))))
+
+
+def _equinox_dropout_mlp(seed: int):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return eqx.nn.Sequential(
+        [eqx.nn.Linear(6, 5, key=k1), eqx.nn.Dropout(0.5), eqx.nn.Lambda(jax.nn.relu), eqx.nn.Linear(5, 3, key=k2)]
+    )
+
+
+def _rng_values(fw: str, obj) -> list[np.ndarray]:
+    if fw == "treex":
+        return [np.asarray(obj.layers[1].next_key.key)]
+    if fw == "nnx":
+        rngs = obj.drop.rngs
+        return [np.asarray(jax.random.key_data(rngs.key.get_value())), np.asarray(rngs.count.get_value())]
+    return []
+
+
+@pytest.mark.parametrize("b", ["treex", "nnx", "equinox"])
+def test_dropout_rng_state_is_stateless_for_pairing_and_reported(b: str) -> None:
+    """A treex Dropout's key (``Rng`` leaf of its ``KeySeq``) and an NNX Dropout's ``rngs`` are RNG state: no
+    mapping needed, never converted (the target keeps like's), listed in ``report.skipped_state``; the
+    target's eval outputs, computed with the target framework's own API, are the source's."""
+    x = M.features()
+    src = _treex_dropout_mlp(0)
+    like = {"treex": lambda: _treex_dropout_mlp(3), "nnx": lambda: NnxDropoutMlp(nnx.Rngs(5)),
+            "equinox": lambda: _equinox_dropout_mlp(5)}[b]()  # fmt: skip
+    src_keys, like_keys = _rng_values("treex", src), _rng_values(b, like)
+    tgt, report = normbridge.convert(src, like, probe=x)
+    assert report.verified, str(report)
+    assert "source layers/1/next_key/key" in report.skipped_state and "source layers/1" in report.skipped
+    want_like = {"treex": ["like layers/1/next_key/key"], "nnx": ["like drop/rngs/count", "like drop/rngs/key"],
+                 "equinox": []}[b]  # fmt: skip
+    assert [p for p in report.skipped_state if p.startswith("like")] == want_like
+    assert len(report.pairs) == 2 and {p.kind for p in report.pairs} == {"dense"}
+    y_src = np.asarray(src.eval()(x))
+    if b == "treex":
+        y_tgt = np.asarray(tgt.eval()(x))
+    elif b == "nnx":
+        tgt.eval()
+        y_tgt = np.asarray(tgt(x))
+    else:
+        y_tgt = np.asarray(jax.vmap(eqx.nn.inference_mode(tgt))(x))
+    bound = 0.0 if b != "equinox" else CROSS_RTOL * np.abs(y_src).max()
+    assert np.abs(y_tgt - y_src).max() <= bound
+    for kept, was in zip(_rng_values(b, tgt), like_keys):  # like's RNG state, not the source's
+        np.testing.assert_array_equal(kept, was)
+    for now, was in zip(_rng_values("treex", src), src_keys):
+        np.testing.assert_array_equal(now, was)
+    # and back into treex: the source's RNG state is again skipped, like's kept
+    back, report = normbridge.convert(tgt, _treex_dropout_mlp(9), probe=x)
+    assert report.verified and "like layers/1/next_key/key" in report.skipped_state
+    np.testing.assert_array_equal(back.layers[1].next_key.key, _treex_dropout_mlp(9).layers[1].next_key.key)

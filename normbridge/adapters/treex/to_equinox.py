@@ -15,9 +15,11 @@ treex layer (arrays float32, as treex stores them):
   ``feature_axes`` (``()`` for ``None``).
 
 The wrapped layer's own ``kernel``/``bias`` are not part of the record (as for linen/nnx).
-:func:`to_equinox` converts a whole loaded treex model (``Sequential``,
-``Linear``, ``Lambda``, ``BatchNorm``, ``LayerNorm``, ``GroupNorm``) to the
-equivalent Equinox model and its ``eqx.nn.State``:
+:func:`to_equinox` converts a whole loaded treex model to the equivalent Equinox model and
+its ``eqx.nn.State``. It is a thin wrapper over :func:`normbridge.convert` (one engine): it
+builds only the Equinox architecture (the layers below, with throw-away weights) and the
+mapping of where each treex layer went; ``convert`` writes every array (this module's
+``to_canonical`` is the treex spoke) and, given ``probe=``, verifies the outputs:
 
 * ``BatchNorm`` → ``BatchNorm(C, axis_name, eps, momentum, mode="ema",
   inference=True)`` with the treex running ``mean``/``var`` copied into the ema
@@ -27,7 +29,10 @@ equivalent Equinox model and its ``eqx.nn.State``:
 * ``GroupNorm`` → ``GroupNorm(G, C, eps, channelwise_affine)``;
 * ``Linear`` → ``eqx.nn.Linear(in, out)`` with ``weight = kernel.T`` (Equinox's
   ``(out, in)``) and the same bias;
-* ``Lambda`` → ``eqx.nn.Lambda``; ``Sequential`` → ``eqx.nn.Sequential``.
+* ``Lambda`` → ``eqx.nn.Lambda``; ``Sequential`` → ``eqx.nn.Sequential``;
+* ``Conv`` → ``eqx.nn.Conv`` (HWIO → OIHW, bias ``(out, 1, ..)``), ``Dropout`` → ``eqx.nn.Dropout``
+  (inference), ``Embed`` → ``eqx.nn.Embedding`` over every id, ``MLP`` → ``eqx.nn.Sequential``,
+  ``Flatten`` and non-elementwise ``Lambda`` in treex's channels-last order.
 
 Equinox layers see **one example, channels first**: call the result as
 ``jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)``
@@ -61,7 +66,6 @@ from normbridge.adapters.treex.extra import InstanceNorm, RMSNorm, SpectralNorm,
 from normbridge.adapters.treex.layers import MLP, Embed, Flatten, Lambda, Linear, Sequential
 from normbridge.adapters.treex.module import Module
 from normbridge.adapters.treex.norm import BatchNorm, GroupNorm, LayerNorm
-from normbridge.core import layouts
 
 __all__ = ["from_canonical", "to_canonical", "to_equinox"]
 
@@ -271,12 +275,6 @@ def _norm_layers(backend: Backend) -> Any:
     return facade
 
 
-def _affine(record: core.NormRecord, channels: int) -> tuple[jax.Array, jax.Array]:
-    scale = record.scale if record.scale is not None else jnp.ones((channels,), jnp.float32)
-    bias = record.bias if record.bias is not None else jnp.zeros((channels,), jnp.float32)
-    return scale, bias
-
-
 def _cast(dtype: Any) -> Any:
     eqx = require("equinox", facade="treex", extra="equinox")
     return eqx.nn.Lambda(functools.partial(jnp.asarray, dtype=dtype))
@@ -349,7 +347,7 @@ def _lookup_module(embedding: Any) -> Any:
 
 
 def _conv(module: Conv, key: jax.Array) -> Any:
-    """``eqx.nn.Conv`` holding the treex Conv's kernel (HWIO → OIHW) and bias (→ ``(out, 1, ..., 1)``)."""
+    """``eqx.nn.Conv`` with the treex Conv's configuration (its weights are written by :func:`normbridge.convert`)."""
     eqx = require("equinox", facade="treex", extra="equinox")
     if module.kernel is None:
         raise ValueError("to_equinox: Conv is not initialized (kernel is None)")
@@ -368,15 +366,11 @@ def _conv(module: Conv, key: jax.Array) -> Any:
         padding, padding_mode = tuple(((e - 1) // 2, e // 2) for e in eff), "CIRCULAR"
     elif not isinstance(padding, str):
         padding = tuple(tuple(int(v) for v in p) for p in padding)
-    conv = eqx.nn.Conv(
+    return eqx.nn.Conv(
         n, in_channels, out_channels, window, stride=_tuple(module.strides, n), padding=padding,
         dilation=dilation, groups=int(module.feature_group_count), use_bias=module.use_bias,
-        padding_mode=padding_mode, key=key,
+        padding_mode=padding_mode, dtype=kernel.dtype, key=key,
     )  # fmt: skip
-    conv = eqx.tree_at(lambda m: m.weight, conv, layouts.oihw_from_hwio(kernel))
-    if module.use_bias:
-        conv = eqx.tree_at(lambda m: m.bias, conv, layouts.conv_bias_from_vector(module.bias, n))
-    return conv
 
 
 def _tuple(value: Any, n: int) -> tuple[int, ...]:
@@ -392,58 +386,65 @@ def _linear(module: Linear, key: jax.Array) -> Any:
     if module.kernel is None:
         raise ValueError("to_equinox: Linear is not initialized (kernel is None)")
     n_in, n_out = module.kernel.shape
-    lin = eqx.nn.Linear(n_in, n_out, use_bias=module.use_bias, key=key)
-    lin = eqx.tree_at(lambda m: m.weight, lin, layouts.linear_weight_from_kernel(module.kernel))
-    if module.use_bias:
-        lin = eqx.tree_at(lambda m: m.bias, lin, module.bias)
-    return lin
+    return eqx.nn.Linear(n_in, n_out, use_bias=module.use_bias, dtype=module.kernel.dtype, key=key)
 
 
-def _convert(
-    module: Any, norms: Any, key: jax.Array, axis_name: str, pending: dict[int, Any], spatial: bool | None
-) -> tuple[list[Any], bool | None]:
-    """Equinox layers (a list, to allow a trailing dtype cast) for one treex module, and whether the
-    activation after them is a channels-first spatial array (Equinox's layout, ``True``), a vector
-    (``False``) or decided by its rank at trace time (``None``, after a non-elementwise Lambda)."""
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+#: What the builder returns for one treex module: the Equinox layers, the activation's layout after them
+#: (see :func:`_convert`), and ``{treex path: (index into the layers, path inside that layer)}`` for every
+#: layer holding arrays (the ``mapping`` handed to :func:`normbridge.convert`).
+Built = tuple[list[Any], "bool | None", dict[str, tuple[int, str]]]
+
+
+def _convert(module: Any, path: str, norms: Any, key: jax.Array, axis_name: str, spatial: bool | None) -> Built:
+    """The Equinox architecture for one treex module (a list, to allow a trailing dtype cast), whether the
+    activation after it is a channels-first spatial array (Equinox's layout, ``True``), a vector (``False``)
+    or decided by its rank at trace time (``None``, after a non-elementwise Lambda), and where each treex
+    layer's arrays go. Weights and statistics are placeholders: :func:`normbridge.convert` writes them."""
     eqx = require("equinox", facade="treex", extra="equinox")
+    dtype = getattr(module, "dtype", jnp.float32)
+    cast = [_cast(dtype)] if jnp.dtype(dtype) != jnp.float32 else []
     if isinstance(module, Sequential):
         out: list[Any] = []
+        where: dict[str, tuple[int, str]] = {}
         for i, layer in enumerate(module.layers):
-            layers, spatial = _convert(layer, norms, jax.random.fold_in(key, i), axis_name, pending, spatial)
-            out.extend(layers)
-        return [eqx.nn.Sequential(out)], spatial
+            sub, spatial, sub_where = _convert(
+                layer, _join(path, f"layers/{i}"), norms, jax.random.fold_in(key, i), axis_name, spatial
+            )
+            where |= {t: (0, _join(f"layers/{len(out) + k}", rest)) for t, (k, rest) in sub_where.items()}
+            out.extend(sub)
+        return [eqx.nn.Sequential(out)], spatial, where
     if isinstance(module, Lambda):
         if not spatial or module.f in _ELEMENTWISE:
-            return [eqx.nn.Lambda(module.f)], spatial
-        return [eqx.nn.Lambda(functools.partial(_channels_last_call, module.f))], None
+            return [eqx.nn.Lambda(module.f)], spatial, {}
+        return [eqx.nn.Lambda(functools.partial(_channels_last_call, module.f))], None, {}
     if isinstance(module, Flatten):
-        return [eqx.nn.Lambda(jnp.ravel if spatial is False else _flatten_channels_last)], False
+        return [eqx.nn.Lambda(jnp.ravel if spatial is False else _flatten_channels_last)], False, {}
     if isinstance(module, Dropout):
         # Inference mode: identity, as treex's eval(). (Equinox's own mask would differ from treex's anyway.)
-        return [eqx.nn.Dropout(module.rate, inference=True)], spatial
+        return [eqx.nn.Dropout(module.rate, inference=True)], spatial, {}
     if isinstance(module, Embed):
         if module.embedding is None:
             raise ValueError("to_equinox: Embed is not initialized (embedding is None)")
         num, features = module.embedding.shape
-        emb = eqx.nn.Embedding(int(num), int(features), weight=module.embedding)
-        layers = [_lookup_module(emb)]
-        if jnp.dtype(module.dtype) != jnp.float32:
-            layers.append(_cast(module.dtype))
-        return layers, False
+        emb = eqx.nn.Embedding(int(num), int(features), weight=jnp.zeros_like(module.embedding))
+        return [_lookup_module(emb), *cast], False, {path: (0, "embedding")}
     if isinstance(module, MLP):
         out = []
-        for i, layer in enumerate(module.layers):
+        where = {}
+        for i, (name, layer) in enumerate(zip(module._subtrees, module.layers)):
+            where[_join(path, name)] = (0, f"layers/{len(out)}")  # treex's child names: linear, linear2, ...
             out.append(_linear(layer, jax.random.fold_in(key, i)))
             if jnp.dtype(layer.dtype) != jnp.float32:
                 out.append(_cast(layer.dtype))
             if i < len(module.layers) - 1:
                 out.append(eqx.nn.Lambda(module.activation))
-        return [eqx.nn.Sequential(out)], False
+        return [eqx.nn.Sequential(out)], False, where
     if isinstance(module, Conv):
-        layers = [_conv(module, key)]
-        if jnp.dtype(module.dtype) != jnp.float32:
-            layers.append(_cast(module.dtype))
-        return layers, True
+        return [_conv(module, key), *cast], True, {path: (0, "")}
     if isinstance(module, ConvTranspose):
         raise TypeError(
             "to_equinox: ConvTranspose is not converted: eqx.nn.ConvTranspose's padding refers to the forward "
@@ -455,19 +456,17 @@ def _convert(
                 "to_equinox: Linear on a spatial activation (treex applies it to the channels axis; "
                 "eqx.nn.Linear takes one vector): add a Flatten or a pooling Lambda before it"
             )
-        layers = [_linear(module, key)] if spatial is False else [eqx.nn.Lambda(_require_vector), _linear(module, key)]
-        if jnp.dtype(module.dtype) != jnp.float32:
-            layers.append(_cast(module.dtype))
-        return layers, False
+        if spatial is False:
+            return [_linear(module, key), *cast], False, {path: (0, "")}
+        return [eqx.nn.Lambda(_require_vector), _linear(module, key), *cast], False, {path: (1, "")}
     if not isinstance(module, (BatchNorm, LayerNorm, GroupNorm)):
         raise TypeError(f"to_equinox: no Equinox equivalent for {type(module).__name__}")
-    record = to_canonical(module)
+    record = to_canonical(module)  # the configuration (eps, momentum, groups); convert writes the arrays
     if isinstance(module, BatchNorm):
         if module.mean is None:
             raise ValueError("to_equinox: BatchNorm is not initialized (mean is None)")
-        channels = int(module.mean.shape[0])
         layer = norms.BatchNorm(
-            channels,
+            int(module.mean.shape[0]),
             axis_name=axis_name,
             eps=record.epsilon,
             channelwise_affine=True,
@@ -475,30 +474,17 @@ def _convert(
             inference=True,
             mode="ema",
         )
-        scale, bias = _affine(record, channels)
-        layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, (scale, bias))
-        # The running statistics go into the State after the model is assembled (see to_equinox).
-        pending[id(layer)] = (record.mean, record.var)
     elif isinstance(module, LayerNorm):
         channels = _channels(module)
         if channels is None:
             raise ValueError("to_equinox: a LayerNorm without scale and bias does not know its size")
         layer = norms.LayerNorm(channels, eps=record.epsilon, use_weight=module.use_scale, use_bias=module.use_bias)
-        if module.use_scale:
-            layer = eqx.tree_at(lambda m: m.weight, layer, record.scale)
-        if module.use_bias:
-            layer = eqx.tree_at(lambda m: m.bias, layer, record.bias)
     else:
         channels = _channels(module)
         if channels is None or record.num_groups is None:
             raise ValueError("to_equinox: a GroupNorm without scale and bias does not know its channels")
         layer = norms.GroupNorm(record.num_groups, channels, eps=record.epsilon, channelwise_affine=True)
-        scale, bias = _affine(record, channels)
-        layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, (scale, bias))
-    layers = [layer]
-    if jnp.dtype(module.dtype) != jnp.float32:
-        layers.append(_cast(module.dtype))
-    return layers, spatial
+    return [layer, *cast], spatial, {path: (0, "")}
 
 
 def _first_layer(module: Any) -> Any:
@@ -507,26 +493,53 @@ def _first_layer(module: Any) -> Any:
     return module
 
 
+def _probes(probe: Any, spatial: bool) -> tuple[Any, Any]:
+    """``(treex probe, Equinox probe)``: a pair as given, else the treex batch and, where the model starts
+    with a Conv (channels last in treex, first in Equinox), the same batch with its last axis moved to 1."""
+    if isinstance(probe, tuple) and len(probe) == 2:
+        return probe
+    x = jnp.asarray(probe)
+    return x, (jnp.moveaxis(x, -1, 1) if spatial else x)
+
+
 def to_equinox(
-    module: Module, *, backend: Backend = "auto", axis_name: str = "batch", key: jax.Array | None = None
-) -> tuple[Any, Any]:
+    module: Module,
+    *,
+    backend: Backend = "auto",
+    axis_name: str = "batch",
+    key: jax.Array | None = None,
+    probe: Any = None,
+    return_report: bool = False,
+) -> Any:
     """``(equinox_model, eqx.nn.State)`` computing what ``module.eval()`` computes (see the module docstring).
 
-    ``key`` only seeds the throw-away initial weights of ``eqx.nn.Linear`` (they
-    are replaced). The result is in inference mode; train it further with
-    ``eqx.nn.inference_mode(model, False)`` (equinox's ema rules then apply).
+    A thin wrapper over :func:`normbridge.convert`: this function only builds the Equinox architecture
+    (layer classes and configuration from the treex model; Lambda and Flatten keep treex's channels-last
+    order), then ``convert(module, like, mapping=<where each treex layer went>, probe=..., verify=...)``
+    pairs, writes every array (layouts, BatchNorm statistics into the State) and verifies.
+
+    ``probe``: an input batch as the treex model takes it (or a pair ``(treex_probe, equinox_probe)``;
+    a single batch is moved to channels first where the model starts with a Conv). With it the
+    conversion is **verified**: both models run in eval mode and their outputs must agree within
+    ``normbridge.conversion.CROSS_RTOL``, else :class:`~normbridge.errors.ConversionError`. Without it
+    the conversion is **unverified** (a treex model does not record the input shape it was initialised
+    with, so no probe is derived) and the report says so. ``return_report=True`` returns
+    ``(model, state, report)`` (a :class:`~normbridge.conversion.ConversionReport`).
+
+    ``key`` only seeds the throw-away initial weights of the Equinox layers (they are all replaced).
+    The result is in inference mode; train it further with ``eqx.nn.inference_mode(model, False)``
+    (equinox's ema rules then apply).
     """
     eqx = require("equinox", facade="treex", extra="equinox")
+    from normbridge.conversion import convert
+
     norms = _norm_layers(backend)
     key = jax.random.PRNGKey(0) if key is None else key
-    pending: dict[int, tuple[jax.Array, jax.Array]] = {}  # id(equinox BatchNorm) -> treex (mean, var)
-    first = _first_layer(module)
-    layers, _ = _convert(module, norms, key, axis_name, pending, isinstance(first, (Conv, ConvTranspose)))
+    spatial = isinstance(_first_layer(module), (Conv, ConvTranspose))
+    layers, _, where = _convert(module, "", norms, key, axis_name, spatial)
     model = layers[0] if len(layers) == 1 else eqx.nn.Sequential(layers)
-    state = eqx.nn.State(model)
-    nodes = jax.tree_util.tree_leaves(model, is_leaf=lambda x: id(x) in pending)
-    for bn in (n for n in nodes if id(n) in pending):
-        mean, var = pending[id(bn)]
-        state = state.set(bn.ema_state_index, (mean, var))
-        state = state.set(bn.ema_first_time_index, jnp.array(False))
-    return model, state
+    mapping = {t: _join("" if len(layers) == 1 else f"layers/{k}", rest) for t, (k, rest) in where.items()}
+    like = (model, eqx.nn.State(model))
+    probes = None if probe is None else _probes(probe, spatial)
+    (model, state), report = convert(module, like, mapping=mapping, probe=probes, verify=probe is not None)
+    return (model, state, report) if return_report else (model, state)

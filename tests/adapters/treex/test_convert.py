@@ -192,3 +192,69 @@ def test_linear_on_a_spatial_activation_is_refused() -> None:
         tx.to_equinox(model)
     with pytest.raises(TypeError, match="ConvTranspose is not converted"):
         tx.to_equinox(tx.Sequential(tx.ConvTranspose(2, [3, 3])).init(0, x))
+
+
+def test_to_equinox_is_normbridge_convert_verified_with_a_probe() -> None:
+    """to_equinox builds only the architecture; normbridge.convert pairs (by the builder's mapping), writes and,
+    given a probe, verifies: the report lists every pair, the skipped Dropout key and the measured difference."""
+    import jax
+    import numpy as np
+
+    x = np.random.default_rng(3).normal(size=(3, 8, 8, 2)).astype(np.float32)
+    model = tx.Sequential(
+        tx.Conv(4, [3, 3]), tx.BatchNorm(use_scale=False), tx.Dropout(0.2), jax.nn.relu,
+        tx.GroupNorm(num_groups=2, use_bias=False), tx.Flatten(), tx.MLP([5, 3]),
+    ).init(0, x)  # fmt: skip
+    model(x)  # one training step: non-trivial statistics
+    eqx_model, state, report = tx.to_equinox(model, probe=x, return_report=True)
+    assert report.verified and report.verification.max_rel <= 1e-5, str(report)
+    assert report.source_framework == "treex" and report.target_framework == "equinox"
+    pairs = {p.source: (p.target, p.how) for p in report.pairs}
+    assert pairs == {
+        "layers/0": ("layers/0", "mapping"), "layers/1": ("layers/1", "mapping"), "layers/4": ("layers/4", "mapping"),
+        "layers/6/linear": ("layers/6/layers/0", "mapping"), "layers/6/linear2": ("layers/6/layers/2", "mapping"),
+    }  # fmt: skip
+    bn = next(p for p in report.pairs if p.source == "layers/1")
+    assert any("scale -> ones" in t for t in bn.transform)
+    assert report.skipped_state == ("source layers/2/next_key/key",)
+    y = _eqx_run(eqx_model, state, np.moveaxis(x, -1, 1))  # independently of the report
+    np.testing.assert_allclose(y, model.eval()(x), rtol=1e-5, atol=1e-6)
+    # a pair of probes is accepted as is; without a probe the same model, unverified and saying so
+    _, _, report = tx.to_equinox(model, probe=(x, np.moveaxis(x, -1, 1)), return_report=True)
+    assert report.verified
+    same, same_state, report = tx.to_equinox(model, return_report=True)
+    assert report.verification is None and not report.verified and "unverified" in str(report)
+    np.testing.assert_array_equal(_eqx_run(same, same_state, np.moveaxis(x, -1, 1)), y)
+
+
+def test_to_equinox_with_a_wrong_probe_layout_is_refused_not_accepted() -> None:
+    import numpy as np
+
+    import normbridge
+
+    x = np.random.default_rng(4).normal(size=(3, 6, 6, 2)).astype(np.float32)
+    model = tx.Sequential(tx.Conv(3, [3, 3]), tx.Flatten(), tx.Linear(2)).init(0, x)
+    with pytest.raises(normbridge.ConversionError):
+        tx.to_equinox(model, probe=(x, np.moveaxis(x, -1, 1)[:, :, ::-1]))  # the Equinox probe is another input
+
+
+def test_bare_layer_converts_through_normbridge_convert() -> None:
+    """A model that is one layer (path ""): treex BatchNorm -> Equinox BatchNorm and back, verified."""
+    import equinox as eqx
+    import numpy as np
+
+    import normbridge
+
+    x = np.asarray(X[:, 0])
+    bn = tx.BatchNorm(momentum=0.9).init(0, x)
+    bn(x)
+    like = eqx.nn.make_with_state(eqx.nn.BatchNorm)(6, "batch", momentum=0.9, mode="ema")
+    (model, state), report = normbridge.convert(bn, like, probe=x)
+    assert report.verified and [(p.source, p.target, p.how) for p in report.pairs] == [("", "", "name")]
+    mean, var = state.get(model.ema_state_index)
+    np.testing.assert_array_equal(mean, bn.mean)
+    np.testing.assert_array_equal(var, bn.var)
+    back, report = normbridge.convert((model, state), tx.BatchNorm(momentum=0.9).init(1, x), probe=x)
+    assert report.verified
+    np.testing.assert_array_equal(back.mean, bn.mean)
+    np.testing.assert_array_equal(back.scale, bn.scale)
