@@ -102,6 +102,8 @@ def guard(file: str, what: str) -> Iterator[None]:
         yield
     except CheckpointError as err:
         if file in str(err):
+            if getattr(err, "file", None) is None:
+                err.file = file  # named in the message by a loader that takes a path: keep it for scripts too
             raise
         # an error from a wrapped loader that forgot the file: the same error, the file named first
         named = copy.copy(err)

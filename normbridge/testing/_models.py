@@ -142,14 +142,17 @@ def _equinox(model: Any) -> Functional:
 def _treex(model: Any) -> Functional:
     from normbridge.adapters.treex.module import Parameter
 
+    def not_parameter(field: Any) -> bool:  # a treeo.FieldInfo, as treeo's filter passes it
+        return not (isinstance(field.kind, type) and issubclass(field.kind, Parameter))
+
     params = model.filter(Parameter)
-    state = model.filter(lambda kind: not issubclass(kind, Parameter))
+    state = model.filter(not_parameter)
 
     def apply(p: Any, s: Any, x: Any, train: bool) -> tuple[Any, Any]:
         m = model.merge(p, s)
         m = m.train() if train else m.eval()
         y = m(x)
-        return y, m.filter(lambda kind: not issubclass(kind, Parameter))
+        return y, m.filter(not_parameter)
 
     return Functional("treex", params, state, apply, lambda p, s: model.merge(p, s))
 
