@@ -1336,15 +1336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in skipped:
         print(f"skipped: {s}")
     markdown = to_markdown(results, argv, wall, args.quick, skipped)
-    if args.markdown:
-        write_atomic(args.markdown, markdown)
-        print(f"wrote {args.markdown}")
-    if args.readme:
-        with open(args.readme, encoding="utf-8") as fh:
-            write_atomic(args.readme, splice_readme(fh.read(), markdown))
-        print(f"updated the benchmark section of {args.readme}")
-    print(f"{len(results)} cases in {wall:.0f} s")
-    return 0 if results else 1
+    return _publish(args, markdown, splice_readme, "the benchmark section", len(results), wall)
 
 
 def _main_versus(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1356,15 +1348,23 @@ def _main_versus(args: argparse.Namespace, argv: Sequence[str]) -> int:
     markdown = versus_markdown(results, argv, wall, args.quick, skipped)
     for s in skipped:
         print(f"skipped: {s}")
+    return _publish(args, markdown, splice_versus_readme, "the fast-mode table", len(results), wall)
+
+
+def _publish(
+    args: argparse.Namespace, markdown: str, splice: Callable[[str, str], str], section: str, cases: int, wall: float
+) -> int:
+    """Write ``markdown`` to ``--markdown`` and splice it into ``section`` of ``--readme`` (each when given),
+    print the summary line, and return the exit status (1 when no case ran)."""
     if args.markdown:
         write_atomic(args.markdown, markdown)
         print(f"wrote {args.markdown}")
     if args.readme:
         with open(args.readme, encoding="utf-8") as fh:
-            write_atomic(args.readme, splice_versus_readme(fh.read(), markdown))
-        print(f"updated the fast-mode table of {args.readme}")
-    print(f"{len(results)} cases in {wall:.0f} s")
-    return 0 if results else 1
+            write_atomic(args.readme, splice(fh.read(), markdown))
+        print(f"updated {section} of {args.readme}")
+    print(f"{cases} cases in {wall:.0f} s")
+    return 0 if cases else 1
 
 
 if __name__ == "__main__":
