@@ -677,6 +677,18 @@ def interleaved(fns: Sequence[Callable[[], Any]], reps: Sequence[int], rounds: i
     return samples
 
 
+def sized_reps(fns: Sequence[Callable[[], Any]], targets: Sequence[float], timing: Timing) -> list[int]:
+    """Warm every function up ``timing.warmup`` times, then give each ``clamp(target_s / t_call, min_reps,
+    max_reps)`` reps, ``t_call`` being its last warm-up call (at least 1 µs)."""
+    est = []
+    for f in fns:
+        t = 0.0
+        for _ in range(timing.warmup):
+            t, _ = _timed(f)
+        est.append(max(t, 1e-6))
+    return [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+
+
 def run_case(facade: str, layer: str, shape_name: str, *, quick: bool = False, timing: Timing | None = None,
              native_as_facade: bool = False, hlo: bool = True) -> Result:
     """Build, check and time one case (raises ImportError / Unsupported when it cannot run)."""
@@ -697,14 +709,8 @@ def run_case(facade: str, layer: str, shape_name: str, *, quick: bool = False, t
     del out_n, out_f, grad_n, grad_f
 
     fns = [native.call_fwd, fac.call_fwd, native.call_bwd, fac.call_bwd]
-    est = []
-    for f in fns:
-        t = 0.0
-        for _ in range(timing.warmup):
-            t, _ = _timed(f)
-        est.append(max(t, 1e-6))
     targets = [timing.target_fwd_s] * 2 + [timing.target_bwd_s] * 2
-    reps = [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+    reps = sized_reps(fns, targets, timing)
     samples = interleaved(fns, reps, timing.rounds)
     med = [statistics.median(s) * 1e3 for s in samples]
 
@@ -1115,14 +1121,8 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
     del first
     anchor = jax.jit(lambda v: v * 2.0)
     fns.append(lambda: anchor(x))
-    est = []
-    for f in fns:
-        t = 0.0
-        for _ in range(timing.warmup):
-            t, _ = _timed(f)
-        est.append(max(t, 1e-6))
     targets = [timing.target_fwd_s, timing.target_bwd_s] * len(names) + [timing.target_fwd_s]
-    reps = [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+    reps = sized_reps(fns, targets, timing)
     samples = interleaved(fns, reps, timing.rounds)
     med = [statistics.median(v) * 1e3 for v in samples]
     ms = {name: (med[2 * i], med[2 * i + 1]) for i, name in enumerate(names)}
