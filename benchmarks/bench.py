@@ -922,11 +922,19 @@ def readme_block(markdown: str) -> str:
 
 def splice_readme(readme: str, markdown: str) -> str:
     """``readme`` with the text between the benchmark markers replaced by ``readme_block(markdown)``."""
-    if README_START not in readme or README_END not in readme:
-        raise ValueError(f"README has no benchmark markers {README_START!r} ... {README_END!r}")
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{readme_block(markdown)}{README_END}{tail}"
+    return _splice_between(readme, README_START, README_END, "benchmark", readme_block, markdown)
+
+
+def _splice_between(
+    readme: str, start: str, end: str, what: str, block_of: Callable[[str], str], markdown: str
+) -> str:
+    """``readme`` with the text between its ``start`` and ``end`` markers replaced by ``block_of(markdown)``
+    (built only once both markers are found)."""
+    if start not in readme or end not in readme:
+        raise ValueError(f"README has no {what} markers {start!r} ... {end!r}")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block_of(markdown)}{end}{tail}"
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -1250,11 +1258,7 @@ def versus_readme_block(markdown: str) -> str:
 
 
 def splice_versus_readme(readme: str, markdown: str) -> str:
-    if VERSUS_README_START not in readme or VERSUS_README_END not in readme:
-        raise ValueError(f"README has no fast-mode markers {VERSUS_README_START!r} ... {VERSUS_README_END!r}")
-    head, rest = readme.split(VERSUS_README_START, 1)
-    _, tail = rest.split(VERSUS_README_END, 1)
-    return f"{head}{VERSUS_README_START}\n{versus_readme_block(markdown)}{VERSUS_README_END}{tail}"
+    return _splice_between(readme, VERSUS_README_START, VERSUS_README_END, "fast-mode", versus_readme_block, markdown)
 
 
 def run_versus(layers: Sequence[str] | None, shapes: Sequence[str], facades: Sequence[str], *, quick: bool = False,
