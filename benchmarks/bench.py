@@ -677,6 +677,18 @@ def interleaved(fns: Sequence[Callable[[], Any]], reps: Sequence[int], rounds: i
     return samples
 
 
+def sized_reps(fns: Sequence[Callable[[], Any]], targets: Sequence[float], timing: Timing) -> list[int]:
+    """Warm every function up ``timing.warmup`` times, then give each ``clamp(target_s / t_call, min_reps,
+    max_reps)`` reps, ``t_call`` being its last warm-up call (at least 1 µs)."""
+    est = []
+    for f in fns:
+        t = 0.0
+        for _ in range(timing.warmup):
+            t, _ = _timed(f)
+        est.append(max(t, 1e-6))
+    return [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+
+
 def run_case(facade: str, layer: str, shape_name: str, *, quick: bool = False, timing: Timing | None = None,
              native_as_facade: bool = False, hlo: bool = True) -> Result:
     """Build, check and time one case (raises ImportError / Unsupported when it cannot run)."""
@@ -697,14 +709,8 @@ def run_case(facade: str, layer: str, shape_name: str, *, quick: bool = False, t
     del out_n, out_f, grad_n, grad_f
 
     fns = [native.call_fwd, fac.call_fwd, native.call_bwd, fac.call_bwd]
-    est = []
-    for f in fns:
-        t = 0.0
-        for _ in range(timing.warmup):
-            t, _ = _timed(f)
-        est.append(max(t, 1e-6))
     targets = [timing.target_fwd_s] * 2 + [timing.target_bwd_s] * 2
-    reps = [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+    reps = sized_reps(fns, targets, timing)
     samples = interleaved(fns, reps, timing.rounds)
     med = [statistics.median(s) * 1e3 for s in samples]
 
@@ -916,11 +922,19 @@ def readme_block(markdown: str) -> str:
 
 def splice_readme(readme: str, markdown: str) -> str:
     """``readme`` with the text between the benchmark markers replaced by ``readme_block(markdown)``."""
-    if README_START not in readme or README_END not in readme:
-        raise ValueError(f"README has no benchmark markers {README_START!r} ... {README_END!r}")
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{readme_block(markdown)}{README_END}{tail}"
+    return _splice_between(readme, README_START, README_END, "benchmark", readme_block, markdown)
+
+
+def _splice_between(
+    readme: str, start: str, end: str, what: str, block_of: Callable[[str], str], markdown: str
+) -> str:
+    """``readme`` with the text between its ``start`` and ``end`` markers replaced by ``block_of(markdown)``
+    (built only once both markers are found)."""
+    if start not in readme or end not in readme:
+        raise ValueError(f"README has no {what} markers {start!r} ... {end!r}")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block_of(markdown)}{end}{tail}"
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -1115,14 +1129,8 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
     del first
     anchor = jax.jit(lambda v: v * 2.0)
     fns.append(lambda: anchor(x))
-    est = []
-    for f in fns:
-        t = 0.0
-        for _ in range(timing.warmup):
-            t, _ = _timed(f)
-        est.append(max(t, 1e-6))
     targets = [timing.target_fwd_s, timing.target_bwd_s] * len(names) + [timing.target_fwd_s]
-    reps = [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+    reps = sized_reps(fns, targets, timing)
     samples = interleaved(fns, reps, timing.rounds)
     med = [statistics.median(v) * 1e3 for v in samples]
     ms = {name: (med[2 * i], med[2 * i + 1]) for i, name in enumerate(names)}
@@ -1250,11 +1258,7 @@ def versus_readme_block(markdown: str) -> str:
 
 
 def splice_versus_readme(readme: str, markdown: str) -> str:
-    if VERSUS_README_START not in readme or VERSUS_README_END not in readme:
-        raise ValueError(f"README has no fast-mode markers {VERSUS_README_START!r} ... {VERSUS_README_END!r}")
-    head, rest = readme.split(VERSUS_README_START, 1)
-    _, tail = rest.split(VERSUS_README_END, 1)
-    return f"{head}{VERSUS_README_START}\n{versus_readme_block(markdown)}{VERSUS_README_END}{tail}"
+    return _splice_between(readme, VERSUS_README_START, VERSUS_README_END, "fast-mode", versus_readme_block, markdown)
 
 
 def run_versus(layers: Sequence[str] | None, shapes: Sequence[str], facades: Sequence[str], *, quick: bool = False,
@@ -1336,15 +1340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in skipped:
         print(f"skipped: {s}")
     markdown = to_markdown(results, argv, wall, args.quick, skipped)
-    if args.markdown:
-        write_atomic(args.markdown, markdown)
-        print(f"wrote {args.markdown}")
-    if args.readme:
-        with open(args.readme, encoding="utf-8") as fh:
-            write_atomic(args.readme, splice_readme(fh.read(), markdown))
-        print(f"updated the benchmark section of {args.readme}")
-    print(f"{len(results)} cases in {wall:.0f} s")
-    return 0 if results else 1
+    return _publish(args, markdown, splice_readme, "the benchmark section", len(results), wall)
 
 
 def _main_versus(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1356,15 +1352,23 @@ def _main_versus(args: argparse.Namespace, argv: Sequence[str]) -> int:
     markdown = versus_markdown(results, argv, wall, args.quick, skipped)
     for s in skipped:
         print(f"skipped: {s}")
+    return _publish(args, markdown, splice_versus_readme, "the fast-mode table", len(results), wall)
+
+
+def _publish(
+    args: argparse.Namespace, markdown: str, splice: Callable[[str, str], str], section: str, cases: int, wall: float
+) -> int:
+    """Write ``markdown`` to ``--markdown`` and splice it into ``section`` of ``--readme`` (each when given),
+    print the summary line, and return the exit status (1 when no case ran)."""
     if args.markdown:
         write_atomic(args.markdown, markdown)
         print(f"wrote {args.markdown}")
     if args.readme:
         with open(args.readme, encoding="utf-8") as fh:
-            write_atomic(args.readme, splice_versus_readme(fh.read(), markdown))
-        print(f"updated the fast-mode table of {args.readme}")
-    print(f"{len(results)} cases in {wall:.0f} s")
-    return 0 if results else 1
+            write_atomic(args.readme, splice(fh.read(), markdown))
+        print(f"updated {section} of {args.readme}")
+    print(f"{cases} cases in {wall:.0f} s")
+    return 0 if cases else 1
 
 
 if __name__ == "__main__":

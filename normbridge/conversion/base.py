@@ -171,3 +171,20 @@ class Spoke:
         """``x -> eval output`` of a :meth:`prepare`-d model, run eagerly: the bitwise guarantees between
         frameworks hold op for op; under ``jax.jit`` XLA fuses two different programs differently (~1e-7)."""
         return lambda x: self.run(model, x, False, call)
+
+
+class WalkedSpoke(Spoke):
+    """A spoke that finds layers, stateless modules and RNG state in one attribute walk of the model:
+    :meth:`_walk` returns ``(layers, stateless paths, RNG-state paths)``, the three listings read from it."""
+
+    def _walk(self, model: Any) -> tuple[dict[str, Layer], list[str], list[str]]:
+        raise NotImplementedError
+
+    def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
+        return self._walk(model)[0]
+
+    def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
+        return self._walk(model)[1]
+
+    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
+        return self._walk(model)[2]

@@ -543,6 +543,27 @@ def _train_why(plan: _Plan) -> list[str]:
     return []
 
 
+def _refuse_if_differs(
+    plan: _Plan,
+    measured: Verification,
+    tolerated: bool,
+    reason: str,
+    worst_label: str,
+    why: Callable[[_Plan], list[str]],
+) -> None:
+    """Raise the :class:`ConversionError` of a verification that measured a difference, unless the difference
+    is ``tolerated`` (``on_mismatch="keep_like"`` with differing hyper-parameters): the measurement, its
+    worst paths, the known reasons ``why(plan)``, and the mapping found."""
+    if measured.passed or tolerated:
+        return
+    raise ConversionError(
+        f"normbridge.convert ({plan.src.framework} -> {plan.tgt.framework}) refused: {reason}",
+        problems=[measured.text(), f"{worst_label}: {list(measured.worst)}", *why(plan)],
+        mapping={s: t for s, t, _ in plan.pairs},
+        measured=measured,
+    )
+
+
 def _verify_train(plan: _Plan, target: Any, reordered: bool) -> Verification:
     """One train-mode forward pass on both sides: outputs, and every paired norm layer's updated state."""
     from normbridge.conversion.base import record_arrays
@@ -679,26 +700,15 @@ def convert(
                 f"failed: {type(err).__name__}: {err}",
                 mapping={s: t for s, t, _ in plan.pairs},
             ) from err
-        if not verification.passed and not (on_mismatch == "keep_like" and plan.hyper):
-            raise ConversionError(
-                f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: the converted model's outputs "
-                "differ",
-                problems=[verification.text(), f"worst output paths: {list(verification.worst)}", *_eval_why(plan)],
-                mapping={s: t for s, t, _ in plan.pairs},
-                measured=verification,
-            )
+        tolerated = on_mismatch == "keep_like" and bool(plan.hyper)
+        _refuse_if_differs(
+            plan, verification, tolerated, "the converted model's outputs differ", "worst output paths", _eval_why
+        )
         if not verification.passed:
             notes.append(f"outputs changed by keeping like's hyper-parameters: {verification.text()}")
         if verify == "train":
             train = _verify_train(plan, target, reordered)
-            if not train.passed and not (on_mismatch == "keep_like" and plan.hyper):
-                raise ConversionError(
-                    f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: in train mode the converted "
-                    "model differs",
-                    problems=[train.text(), f"worst: {list(train.worst)}", *_train_why(plan)],
-                    mapping={s: t for s, t, _ in plan.pairs},
-                    measured=train,
-                )
+            _refuse_if_differs(plan, train, tolerated, "in train mode the converted model differs", "worst", _train_why)
             train_check = train
     else:
         notes.append("unverified (verify=False)")

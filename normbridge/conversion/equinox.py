@@ -19,7 +19,7 @@ import jax
 
 from normbridge._optional import require
 from normbridge.conversion._util import CallRecorder, check_plain
-from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke, is_rng_key
+from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, WalkedSpoke, is_rng_key
 from normbridge.core import KIND_OF_CLASS, layouts
 
 PLAIN_CLASSES = {
@@ -91,7 +91,7 @@ def _plain_arrays(kind: str, module: Any) -> dict[str, Any]:
     return layouts.equinox_to_canonical(kind, {"weight": module.weight, "bias": getattr(module, "bias", None)})
 
 
-class EquinoxSpoke(Spoke):
+class EquinoxSpoke(WalkedSpoke):
     name = "equinox"
     family = "equinox"
 
@@ -147,15 +147,6 @@ class EquinoxSpoke(Spoke):
         else:
             walk(model, "")
         return layers, stateless, rng
-
-    def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
-        return self._walk(model)[0]
-
-    def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
-        return self._walk(model)[1]
-
-    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
-        return self._walk(model)[2]
 
     def copy(self, obj: Any) -> Any:
         return obj

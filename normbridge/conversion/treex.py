@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from normbridge.conversion._util import CallRecorder, check_plain, patched_calls
-from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke, is_rng_key, outermost
+from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, WalkedSpoke, is_rng_key, outermost
 from normbridge.core import KIND_OF_CLASS
 
 PLAIN_CLASSES = {
@@ -85,7 +85,7 @@ def _put(node: Any, key: str, value: Any) -> None:
         node.__dict__[key] = value
 
 
-class TreexSpoke(Spoke):
+class TreexSpoke(WalkedSpoke):
     name = "treex"
     family = "flax"
 
@@ -138,15 +138,6 @@ class TreexSpoke(Spoke):
         else:
             walk(model, "")
         return layers, outermost(stateless), rng
-
-    def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
-        return self._walk(model)[0]
-
-    def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
-        return self._walk(model)[1]
-
-    def rng_state(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
-        return self._walk(model)[2]
 
     def copy(self, model: Any) -> Any:
         return model.copy()

@@ -57,11 +57,13 @@ def layout_mean(x: jax.Array, red: tuple[int, ...]) -> jax.Array:
     return partial_mean.mean(tuple(a - len(leading) for a in trailing))
 
 
-def _pmean(xs: tuple[jax.Array, ...], axis_name: Any, axis_index_groups: Any) -> tuple[jax.Array, ...]:
-    """Average several same-shaped arrays across ``axis_name`` in one collective."""
+def pmean_many(xs: tuple[jax.Array, ...], axis_name: Any, axis_index_groups: Any) -> tuple[jax.Array, ...]:
+    """Average several same-shaped arrays across ``axis_name`` in one collective (used by the exact
+    path in :mod:`normbridge.core.stats` too)."""
     if axis_name is None:
         return xs
     if len(xs) > 1:
+        # One collective for all moments: stacking saves a round trip.
         reduced = lax.pmean(jnp.stack(xs, axis=0), axis_name, axis_index_groups=axis_index_groups)
         return tuple(reduced[i] for i in range(len(xs)))
     return (lax.pmean(xs[0], axis_name, axis_index_groups=axis_index_groups),)
@@ -71,7 +73,7 @@ def means(
     xs: tuple[jax.Array, ...], red: tuple[int, ...], axis_name: Any, axis_index_groups: Any
 ) -> tuple[jax.Array, ...]:
     """Layout-aware means of same-shaped arrays, synced across ``axis_name`` in one ``pmean``."""
-    return _pmean(tuple(layout_mean(x, red) for x in xs), axis_name, axis_index_groups)
+    return pmean_many(tuple(layout_mean(x, red) for x in xs), axis_name, axis_index_groups)
 
 
 def applies(ndim: int, red: tuple[int, ...]) -> bool:

@@ -42,13 +42,7 @@ def _means(
     if mask is not None:
         mask = jnp.asarray(mask, dtype=bool)
     mus = tuple(x.mean(axes, where=mask) for x in xs)
-    if axis_name is None:
-        return mus
-    if len(xs) > 1:
-        # One collective for all moments: stacking saves a round trip.
-        reduced = lax.pmean(jnp.stack(mus, axis=0), axis_name, axis_index_groups=axis_index_groups)
-        return tuple(reduced[i] for i in range(len(xs)))
-    return (lax.pmean(mus[0], axis_name, axis_index_groups=axis_index_groups),)
+    return _fast.pmean_many(mus, axis_name, axis_index_groups)
 
 
 def moments(

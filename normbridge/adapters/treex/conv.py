@@ -60,6 +60,15 @@ class _ConvBase(Module):
     kernel: jax.Array | None = Parameter.node()
     bias: jax.Array | None = Parameter.node()
 
+    def _configure(self, **config: Any) -> None:
+        """Name the layer and store its constructor arguments as attributes, in signature order
+        (field iteration follows that order); ``kernel`` and ``bias`` wait for ``init``."""
+        self._set_name()
+        for field, value in config.items():
+            setattr(self, field, value)
+        self.kernel = None
+        self.bias = None
+
     def _init_params(self, kernel_shape: tuple[int, ...]) -> None:
         key = next_key()
         self.kernel = jnp.asarray(self.kernel_init(param_key(key, 1), kernel_shape, self.param_dtype))
@@ -98,22 +107,21 @@ class Conv(_ConvBase):
         kernel_init: Initializer = _LECUN_NORMAL,
         bias_init: Initializer = jax.nn.initializers.zeros,
     ) -> None:
-        self._set_name()
-        self.features_out = features_out
-        self.kernel_size = kernel_size
-        self.strides = strides
-        self.padding = padding
-        self.input_dilation = input_dilation
-        self.kernel_dilation = kernel_dilation
-        self.feature_group_count = feature_group_count
-        self.use_bias = use_bias
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
-        self.kernel_init = kernel_init
-        self.bias_init = bias_init
-        self.kernel = None
-        self.bias = None
+        self._configure(
+            features_out=features_out,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            input_dilation=input_dilation,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Convolve ``x`` ``(N, *spatial, C_in)`` (or ``(*spatial, C_in)``) with ``kernel`` and add ``bias``."""
@@ -178,20 +186,19 @@ class ConvTranspose(_ConvBase):
         kernel_init: Initializer = _LECUN_NORMAL,
         bias_init: Initializer = jax.nn.initializers.zeros,
     ) -> None:
-        self._set_name()
-        self.features_out = features_out
-        self.kernel_size = kernel_size
-        self.strides = strides
-        self.padding = padding
-        self.kernel_dilation = kernel_dilation
-        self.use_bias = use_bias
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
-        self.kernel_init = kernel_init
-        self.bias_init = bias_init
-        self.kernel = None
-        self.bias = None
+        self._configure(
+            features_out=features_out,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Transposed convolution of ``x`` ``(N, *spatial, C_in)`` (or one example) with ``kernel``, plus ``bias``."""
