@@ -20,6 +20,19 @@ ARCH_TITLES = {
 }
 
 
+#: The refusals the layers' math calls for (architecture, source, target framework): Equinox's
+#: SpectralNorm iterates on an ``(out, in)`` weight and keeps no converged ``u`` for flax, so its
+#: state cannot become flax's (docs/conversion.md). Every other refusal is a failure of the check,
+#: so a regression that makes the engine refuse a working conversion cannot pass as "refused".
+EXPECTED_REFUSALS: frozenset[tuple[str, str, str]] = frozenset({
+    ("sngn", "equinox", "linen"), ("sngn", "equinox", "nnx"),
+})
+#: Conversions whose way back is refused for the same reason (flax → Equinox SpectralNorm is one way).
+EXPECTED_ONE_WAY: frozenset[tuple[str, str, str]] = frozenset({
+    ("sngn", "linen", "equinox"), ("sngn", "nnx", "equinox"),
+})
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     arch: str
@@ -41,13 +54,17 @@ def _one(arch: str, a: str, b: str, flavor_b: str) -> Result:
         tgt, report = normbridge.convert(src, M.build(arch, b, flavor_b, 5), probe=(M.probe(arch, a), M.probe(arch, b)))
     except normbridge.ConversionError as err:
         first = err.problems[0] if err.problems else str(err)
-        return Result(arch, a, name_b, True, f"refused: {first[:120]}", refused=True)
+        expected = (arch, a, b) in EXPECTED_REFUSALS
+        return Result(arch, a, name_b, expected, f"refused{'' if expected else ' (unexpected)'}: {first[:120]}",
+                      refused=True)
     v = report.verification
     measured = "bitwise" if v.bitwise else f"{v.max_abs:.1e}"
     try:
         back, _ = normbridge.convert(tgt, M.build(arch, a, "native", 9), probe=(M.probe(arch, b), M.probe(arch, a)))
     except normbridge.ConversionError:
-        return Result(arch, a, name_b, v.passed, f"{measured}; one way (the way back is refused)")
+        expected = (arch, a, b) in EXPECTED_ONE_WAY
+        return Result(arch, a, name_b, v.passed and expected,
+                      f"{measured}; one way (the way back is refused{'' if expected else ', unexpectedly'})")
     exact = tree_diff(M.arrays(a, src), M.arrays(a, back)).exact()
     return Result(arch, a, name_b, v.passed and exact, f"{measured}; round trip {'exact' if exact else 'NOT exact'}")
 

@@ -22,3 +22,18 @@ def test_refusals_and_failures_are_rendered() -> None:
     md = conversion.to_markdown(results)
     assert "refused: sn: equinox's weight convention" in md and "FAIL: 2.0e+00" in md
     assert "2 conversions: 0 verified, 1 refused, 1 failing." in md
+
+
+def test_an_unexpected_refusal_fails_the_check(monkeypatch) -> None:
+    """Only the refusals the math calls for (EXPECTED_REFUSALS) pass: an engine that starts refusing a
+    working conversion must fail `normbridge check`, not show up as a quiet "refused"."""
+    import normbridge
+    import normbridge.conversion
+
+    def refuse(*args, **kwargs):
+        raise normbridge.ConversionError("refused (test)", problems=["a regression"])
+
+    monkeypatch.setattr(normbridge.conversion, "convert", refuse)
+    md, failures = conversion.section(("nnx", "treex"), archs=("mlp",))
+    assert len(failures) == 3 and "refused (unexpected): a regression" in md
+    assert ("sngn", "equinox", "linen") in conversion.EXPECTED_REFUSALS
