@@ -2,10 +2,12 @@
 
 * ``normbridge check``: measure every facade against the installed frameworks, write the matrix.
 * ``normbridge inspect CKPT``: format, framework, layers, shapes, dtypes, sizes, statistics.
-* ``normbridge diff A B``: every leaf of two checkpoints compared (``normbridge.testing`` report).
+* ``normbridge diff A B``: two checkpoints of any frameworks compared as canonical records
+  (``normbridge.testing`` report).
 * ``normbridge convert SRC -o DST --like PKG.MODULE:FACTORY``: a checkpoint into another framework/format.
 
-Exit codes: 0 ok / equal; 1 the checkpoints differ or a verification failed; 2 bad input
+Exit codes: 0 ok / equal; 1 the checkpoints differ (or some arrays cannot be mapped to canonical
+records without --a-model/--b-model) or a verification failed; 2 bad input
 (unreadable, unsafe or mismatched checkpoint, existing destination, bad factory).
 """
 
@@ -217,29 +219,74 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- diff
 def diff_checkpoints(a: str, b: str, *, rtol: float | None = None, atol: float | None = None,
-                     max_ulp: int | None = None, fmt_a: str | None = None, fmt_b: str | None = None) -> Any:
-    """The :class:`normbridge.testing.DiffReport` of two checkpoints of any formats and frameworks,
-    both under canonical names (:mod:`normbridge.checkpoint.canonical`); ``b`` is the reference."""
-    import dataclasses
+                     max_ulp: int | None = None, fmt_a: str | None = None, fmt_b: str | None = None,
+                     model_a: Any = None, model_b: Any = None, probe: Any = None,
+                     mapping: dict[str, Any] | None = None) -> Any:
+    """The :class:`normbridge.checkpoint.canonical.CheckpointDiff` of two checkpoints of any formats and
+    frameworks, both as canonical records; ``b`` is the reference.
 
-    from normbridge.checkpoint.canonical import canonical_leaves
-    from normbridge.testing.report import diff_paths
+    Each side is mapped from the file alone (:func:`~normbridge.checkpoint.canonical.canonical_view`) or,
+    given its model (``model_a`` / ``model_b``, what ``--a-model`` / ``--b-model`` factories return), by
+    loading the file into the model and reading the conversion spoke's records
+    (:func:`~normbridge.checkpoint.canonical.model_view`; linen needs ``probe``, or a pair
+    ``(probe for a, probe for b)``). Layers pair by name (``mapping`` first,
+    :func:`~normbridge.checkpoint.canonical.diff_views`)."""
+    from normbridge.checkpoint.canonical import canonical_view, diff_views, model_view
 
-    ca, cb = _read(a, fmt_a), _read(b, fmt_b)
-    report = diff_paths(canonical_leaves(ca), canonical_leaves(cb), rtol=rtol, atol=atol, max_ulp=max_ulp)
-    return dataclasses.replace(report, names=(a, b))
+    probes = probe if isinstance(probe, tuple) and len(probe) == 2 else (probe, probe)
+    views = []
+    for path, fmt, model, flag, p in ((a, fmt_a, model_a, "--a-model", probes[0]),
+                                      (b, fmt_b, model_b, "--b-model", probes[1])):
+        ckpt = _read(path, fmt)
+        views.append(canonical_view(ckpt, flag=flag) if model is None else model_view(ckpt, model, p))
+    try:
+        return diff_views(*views, mapping=mapping, names=(a, b), rtol=rtol, atol=atol, max_ulp=max_ulp)
+    except ValueError as err:  # a mapping key that names no layer
+        raise BadInput(f"--map: {err}") from None
 
 
 def _diff(args: argparse.Namespace) -> int:
-    with _progress(args, 1) as step:
+    with _progress(args, 2) as step:
+        step("building the models")
+        models = {}
+        for flag, spec in (("--a-model", args.a_model), ("--b-model", args.b_model)):
+            models[flag] = _model_factory(flag, spec) if spec else None
+        probe = _probe(args.probe) if args.probe else None
+        mapping = _load_mapping(args.map) if args.map else None
         step(f"reading and comparing {args.a} and {args.b}")
-        report = diff_checkpoints(args.a, args.b, rtol=args.rtol, atol=args.atol, max_ulp=args.ulp,
-                                  fmt_a=args.format, fmt_b=args.format_b or args.format)
+        diff = diff_checkpoints(args.a, args.b, rtol=args.rtol, atol=args.atol, max_ulp=args.ulp,
+                                fmt_a=args.format, fmt_b=args.format_b or args.format,
+                                model_a=models["--a-model"], model_b=models["--b-model"], probe=probe,
+                                mapping=mapping)
     if args.json:
-        print(report.to_json())
+        print(diff.to_json())
     elif not args.quiet:
-        print(str(report))
-    return EXIT_OK if report.ok else EXIT_DIFFER
+        print(str(diff))
+    return EXIT_OK if diff.ok else EXIT_DIFFER
+
+
+def _model_factory(flag: str, spec: str) -> Any:
+    """``load_factory(spec)``, checked to be a model of a framework normbridge knows (exit 2 if not)."""
+    from normbridge.checkpoint import models
+
+    model = load_factory(spec)
+    try:
+        models.framework_of(model)
+    except TypeError as err:
+        raise BadInput(f"{flag} {spec}: {err}") from None
+    return model
+
+
+def _load_mapping(path: str) -> dict[str, Any]:
+    """``--map mapping.json``: a JSON object ``{layer path: layer path or null}`` (exit 2 if not)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            mapping = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise BadInput(f"--map {path}: not a readable JSON object ({err})") from err
+    if not isinstance(mapping, dict):
+        raise BadInput(f"--map {path}: expected a JSON object {{source layer path: target layer path}}")
+    return mapping
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -250,15 +297,7 @@ def _convert(args: argparse.Namespace) -> int:
     out_fmt = args.format or ck.format_for_path(dst)
     if os.path.lexists(dst) and not args.overwrite:
         raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
-    mapping = None
-    if args.map:
-        try:
-            with open(args.map, encoding="utf-8") as fh:
-                mapping = json.load(fh)
-        except (OSError, ValueError) as err:
-            raise BadInput(f"--map {args.map}: not a readable JSON object ({err})") from err
-        if not isinstance(mapping, dict):
-            raise BadInput(f"--map {args.map}: expected a JSON object {{source layer path: target layer path}}")
+    mapping = _load_mapping(args.map) if args.map else None
 
     with _progress(args, 5) as step:
         step(f"reading {args.src}")
@@ -394,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--quiet", "-q", action="store_true", help="print nothing (exit code only)")
 
-    dif = sub.add_parser("diff", help="compare every array of two checkpoints (exit 1 when they differ)")
+    dif = sub.add_parser("diff", help="compare two checkpoints of any frameworks as canonical records "
+                                      "(exit 1 when they differ or cannot all be mapped)")
     dif.add_argument("a")
     dif.add_argument("b", help="the reference")
     dif.add_argument("--rtol", type=float)
@@ -402,6 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     dif.add_argument("--ulp", type=int, help="match within this many ulps")
     dif.add_argument("--format", choices=FORMATS, help=fmt_help + " (both files)")
     dif.add_argument("--format-b", choices=FORMATS, help="the format of B when it differs from --format")
+    dif.add_argument("--a-model", metavar="PKG.MODULE:FACTORY",
+                     help="a function returning a model of A's architecture (for what A's file alone does not decide)")
+    dif.add_argument("--b-model", metavar="PKG.MODULE:FACTORY", help="the same for B")
+    dif.add_argument("--probe", metavar="SHAPE|PKG.MODULE:FACTORY",
+                     help="an input for a linen --a-model/--b-model (its layers exist only while it runs)")
+    dif.add_argument("--map", metavar="mapping.json",
+                     help="{A's layer path: B's layer path} (null skips one; 're:<regex>' keys), before names")
     dif.add_argument("--json", action="store_true")
     dif.add_argument("--quiet", "-q", action="store_true")
 

@@ -111,3 +111,333 @@ def stats(arr: np.ndarray) -> dict[str, Any]:
         v = f[finite]
         out.update(min=float(v.min()), max=float(v.max()), mean=float(v.mean()))
     return out
+
+
+# ------------------------------------------------------------------------- canonical records of a file
+#: Fields one framework stores and another does not: mode flags, hyper-parameters kept as state,
+#: bookkeeping (Equinox ``inference`` / Dropout ``p`` / BatchNorm's first-call flag, treex's BatchNorm
+#: ``momentum``, a record's update ``count``). Present on both sides they are compared; on one side
+#: only they are listed as not compared, never as a difference (no other framework could hold them).
+CONVENTION_FIELDS = ("inference", "p", "first_time", "count", "momentum")
+_EQX_ATTENTION = ("query_proj", "key_proj", "value_proj", "output_proj")
+
+
+@dataclasses.dataclass
+class CanonicalView:
+    """A checkpoint's arrays as canonical records (:mod:`normbridge.core.layouts`: flax's layouts;
+    :class:`normbridge.core.NormRecord` field names), per layer.
+
+    ``framework``: whose naming rules the layer paths follow (for
+    :func:`normbridge.conversion.base.normalized_name`); ``layers``: ``{layer path: {field: array}}``,
+    the layer path in that framework's own spelling, without linen's collection, NNX's ``/value`` or
+    Equinox's ``model/``; ``stored``: ``"<layer>/<field>"`` → the path (or paths) in the file;
+    ``unmapped``: file paths whose canonical layout the file alone does not decide, with the reason.
+    """
+
+    framework: str
+    layers: dict[str, dict[str, Any]]
+    stored: dict[str, str] = dataclasses.field(default_factory=dict)
+    unmapped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def leaves(self) -> dict[str, Any]:
+        """``{"<layer>/<field>": array}``."""
+        return {_join(layer, f): v for layer, fields in self.layers.items() for f, v in fields.items()}
+
+
+def _join(layer: str, field: str) -> str:
+    return f"{layer}/{field}" if layer else field
+
+
+def canonical_view(ckpt: Checkpoint, *, flag: str = "--model") -> CanonicalView:
+    """The canonical records of ``ckpt`` from the file alone (no architecture).
+
+    Flax-family files (linen, NNX, treex, and files of no known framework) are in the canonical
+    layout already: their leaves keep their names (after :func:`canonical_path`). Equinox's named
+    format is mapped with :func:`normbridge.core.layouts.equinox_to_canonical` where the arrays decide
+    the kind: ``weight (out, in)`` + ``bias (out,)`` is a Linear, ``weight (out, in, *window)`` +
+    ``bias (out, 1, ..)`` a Conv, ``weight`` + ``bias`` of one shape or a 1-D ``weight`` a norm's
+    ``scale``/``bias``, a BatchNorm's EMA state its ``mean``/``var``. What they do not decide is
+    listed in ``unmapped`` (the reason names ``flag``, the option that gives the architecture):
+    a bias-free 2-D ``weight`` (Linear or Embedding?), a bias-free N-D ``weight`` (Conv or an N-D
+    LayerNorm?), MultiheadAttention (the number of heads is not stored), SpectralNorm/WeightNorm,
+    Equinox ``mode="batch"`` statistics (zero-debiased), and every leaf of a file without names.
+    """
+    if ckpt.format == "eqx-leaves":
+        why = f"the file holds no names (eqx.tree_serialise_leaves): pass {flag} to give the architecture"
+        return CanonicalView("equinox", {}, unmapped={p: why for p in ckpt.leaves})
+    if ckpt.format != "equinox":
+        leaves = canonical_leaves(ckpt)  # in file order; the stored names where two would collide
+        view = CanonicalView(ckpt.framework or "unknown", {}, stored=dict(zip(leaves, ckpt.leaves)))
+        for path, arr in leaves.items():
+            layer, _, field = path.rpartition("/")
+            view.layers.setdefault(layer, {})[field] = arr
+        return view
+    return _equinox_view(ckpt, flag)
+
+
+def _equinox_view(ckpt: Checkpoint, flag: str) -> CanonicalView:
+    from normbridge.core import layouts
+
+    view = CanonicalView("equinox", {})
+    need = f"pass {flag} to give the architecture"
+    groups: dict[str, dict[str, tuple[str, Any]]] = {}
+    for path, arr in ckpt.leaves.items():
+        head, _, rest = path.partition("/")
+        if head == "state":
+            stats = re.match(r"^(?:(.*)/)?(ema_state_index|state_index)/([01])$", rest)
+            flag_ = re.match(r"^(?:(.*)/)?(ema_first_time_index|batch_counter)$", rest)
+            if stats and stats.group(2) == "ema_state_index":
+                layer = stats.group(1) or ""
+                groups.setdefault(layer, {})["mean" if stats.group(3) == "0" else "var"] = (path, arr)
+            elif flag_ and flag_.group(2) == "ema_first_time_index":
+                groups.setdefault(flag_.group(1) or "", {})["first_time"] = (path, arr)
+            elif stats or flag_:
+                view.unmapped[path] = ("Equinox BatchNorm mode='batch' statistics are zero-debiased (not the "
+                                       "stored numbers of any other framework)")
+            else:
+                view.unmapped[path] = f"Equinox state of a layer the file does not identify ({need})"
+            continue
+        if head != "model":
+            view.unmapped[path] = "neither model/ nor state/ of normbridge's Equinox format"
+            continue
+        layer, _, field = rest.rpartition("/")
+        groups.setdefault(layer, {})[field] = (path, arr)
+
+    def unmap(prefix: str, why: str) -> None:
+        for layer in [g for g in groups if not prefix or g == prefix or g.startswith(prefix + "/")]:
+            for p, _ in groups.pop(layer).values():
+                view.unmapped[p] = why
+
+    for layer in list(groups):
+        parent, _, last = layer.rpartition("/")
+        if last in _EQX_ATTENTION and layer in groups:
+            unmap(parent, f"MultiheadAttention: the number of heads is not stored in the file ({need})")
+    for layer in list(groups):
+        parent, _, last = layer.rpartition("/")
+        uv = f"state/{parent}/uv_index/" if parent else "state/uv_index/"
+        if last == "layer" and layer in groups and (
+            "g" in groups.get(parent, {}) or any(p.startswith(uv) for p in ckpt.leaves)
+        ):
+            for p in ckpt.leaves:
+                if p.startswith(uv):
+                    view.unmapped[p] = f"SpectralNorm state ({need})"
+            unmap(parent, f"SpectralNorm/WeightNorm: the wrapped layer's record needs the architecture ({need})")
+    for layer, fields in groups.items():
+        arrays = {f: a for f, (_, a) in fields.items()}
+        out: dict[str, Any] = {}
+        w, b = arrays.pop("weight", None), arrays.pop("bias", None)
+        if w is not None:
+            wn, bs = np.ndim(w), np.shape(b) if b is not None else None
+            if b is not None and wn == 2 and bs == (np.shape(w)[0],):
+                out.update(layouts.equinox_to_canonical("dense", {"weight": w, "bias": b}))
+            elif b is not None and wn >= 3 and bs == (np.shape(w)[0],) + (1,) * (wn - 2):
+                out.update(layouts.equinox_to_canonical("conv", {"weight": w, "bias": b}))
+            elif (b is not None and bs == np.shape(w)) or (b is None and wn == 1):
+                out["scale"] = w
+                if b is not None:
+                    out["bias"] = b
+            else:
+                what = ("a Linear without bias or an Embedding" if wn == 2 and b is None else
+                        "a Conv without bias or an N-D norm" if b is None else
+                        f"weight {list(np.shape(w))} with bias {list(bs)}")
+                for f in ("weight", "bias"):
+                    if f in fields:
+                        view.unmapped[fields[f][0]] = f"{what} ({need})"
+                w = b = None
+        elif b is not None:
+            out["bias"] = b
+        out.update(arrays)  # bare parameters, flags, statistics: the same layout in every framework
+        for field, arr in out.items():
+            key = _join(layer, field)
+            src = fields.get(field) or fields.get("weight" if field in ("kernel", "scale") else field)
+            view.layers.setdefault(layer, {})[field] = np.asarray(arr)
+            view.stored[key] = src[0] if src else key
+    return view
+
+
+def model_view(ckpt: Checkpoint, model: Any, probe: Any = None) -> CanonicalView:
+    """The canonical records of ``ckpt`` loaded into ``model`` (built by a ``PKG.MODULE:FACTORY``):
+    the checkpoint is loaded by path (:func:`normbridge.checkpoint.models.load_into`, every mismatch
+    a :class:`~normbridge.errors.CheckpointMismatchError`), then the model's layers and records come
+    from its framework's conversion spoke, as :func:`normbridge.convert` sees them (a linen model's
+    layers exist only while it runs: it needs ``probe``)."""
+    from normbridge.checkpoint import models
+    from normbridge.conversion.base import record_arrays
+    from normbridge.conversion.engine import framework_of, spoke_for
+    from normbridge.errors import CheckpointError
+
+    loaded = models.load_into(ckpt, model)
+    fw = framework_of(loaded)
+    try:
+        layers = spoke_for(fw).layers(loaded, probe)
+    except LookupError as err:
+        raise CheckpointError(f"{err} (on the command line: --probe SHAPE)", file=ckpt.file) from None
+    view = CanonicalView(fw, {})
+    for layer in layers.values():
+        for item in (layer, layer.inner):
+            if item is None:
+                continue
+            if item.kind == "unknown" or item.record is None:
+                view.unmapped[item.path] = f"{item.cls}: a layer kind normbridge does not know"
+                continue
+            if item.kind == "param":  # a bare array of a user module: named as in the file
+                parent, _, name = item.path.rpartition("/")
+                view.layers.setdefault(parent, {})[name] = np.asarray(item.record["value"])
+                view.stored[item.path] = item.path
+                continue
+            for name, arr in record_arrays(item.record).items():
+                view.layers.setdefault(item.path, {})[name] = np.asarray(arr)
+                view.stored[_join(item.path, name)] = _join(item.path, name)
+    return view
+
+
+# ------------------------------------------------------------------------------- two files compared
+@dataclasses.dataclass(frozen=True)
+class CheckpointDiff:
+    """Two checkpoints compared as canonical records: ``report`` (:class:`normbridge.testing.DiffReport`
+    of every paired leaf, ``a`` against the reference ``b``, and the leaves of one side only),
+    ``unmapped`` (per side, file paths the file alone cannot map, with the reason), ``not_compared``
+    (one framework's conventions, see :data:`CONVENTION_FIELDS`, and layers a mapping skips).
+    True when every leaf was mapped, paired and matches."""
+
+    report: Any
+    unmapped_a: dict[str, str]
+    unmapped_b: dict[str, str]
+    not_compared: tuple[str, ...]
+    frameworks: tuple[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and not self.unmapped_a and not self.unmapped_b
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def render(self, style: str = "auto") -> str:
+        na, nb = self.report.names
+        out = [self.report.render(style)]
+        for name, unmapped in ((na, self.unmapped_a), (nb, self.unmapped_b)):
+            if unmapped:
+                out.append(f"{len(unmapped)} arrays of {name} not mapped to canonical records (not compared):")
+                by_reason: dict[str, list[str]] = {}
+                for path, why in unmapped.items():
+                    by_reason.setdefault(why, []).append(path)
+                out += [f"  {', '.join(paths)}: {why}" for why, paths in by_reason.items()]
+        if self.not_compared:
+            out.append(f"not compared (one framework's conventions or skipped by the mapping): "
+                       f"{', '.join(self.not_compared)}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render("auto")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.report.to_dict(), "ok": self.ok, "frameworks": list(self.frameworks),
+                "unmapped": {"a": dict(self.unmapped_a), "b": dict(self.unmapped_b)},
+                "not_compared": list(self.not_compared)}
+
+    def to_json(self, **kwargs: Any) -> str:
+        import json
+
+        from normbridge.testing.report import _jsonable
+
+        kwargs.setdefault("indent", 2)
+        return json.dumps(_jsonable(self.to_dict()), allow_nan=False, **kwargs)
+
+
+def map_layer(path: str, mapping: dict[str, Any]) -> tuple[bool, str | None]:
+    """``(matched, new path)`` of layer ``path`` under a ``--map`` mapping: a ``"re:<regex>"`` key matching
+    the whole path (its value a ``re`` template), else the longest key that is the path or a prefix of
+    it in whole components; a ``None`` value skips the layer."""
+    from normbridge.testing.pairing import _rename
+
+    for key, value in mapping.items():
+        if key.startswith("re:"):
+            m = re.fullmatch(key[3:], path)
+            if m:
+                return True, None if value is None else m.expand(value)
+    plain = {k: v for k, v in mapping.items() if not k.startswith("re:")}
+    hits = [k for k in plain if path == k or path.startswith(k + "/")]
+    if not hits:
+        return False, path
+    best = max(hits, key=len)
+    if plain[best] is None:
+        return True, None
+    return True, _rename(path, {best: plain[best]})
+
+
+def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] | None = None,
+               names: tuple[str, str] = ("a", "b"), rtol: float | None = None, atol: float | None = None,
+               max_ulp: int | None = None) -> CheckpointDiff:
+    """Pair two checkpoints' layers by name after each framework's naming rules
+    (:func:`normbridge.conversion.base.normalized_name`, the engine's name pairing: linen's
+    ``layers_0`` is ``layers/0``), ``mapping`` first (``{a's layer path: b's layer path}``, ``None``
+    skipping a layer of ``a``); a name two layers of one side share pairs neither (both listed as
+    unmapped). Then every field of every pair is compared with :func:`normbridge.testing.compare_pairs`
+    (the project's one comparison); ``b`` is the reference. No pairing by position or shape: a layer
+    without a same-named counterpart is reported on its side."""
+    from normbridge.conversion.base import normalized_name
+    from normbridge.testing._compare import compare_pairs
+    from normbridge.testing.report import DiffReport, _tolerance_text
+
+    mapping = dict(mapping or {})
+    unmapped = (dict(va.unmapped), dict(vb.unmapped))
+    not_compared: list[str] = []
+    used_keys: set[str] = set()
+
+    def index(side: int, view: CanonicalView) -> dict[str, str]:
+        by_name: dict[str, list[str]] = {}
+        for layer in view.layers:
+            target_fw, name = view.framework, layer
+            if side == 0 and mapping:
+                matched, name = map_layer(layer, mapping)
+                if matched:
+                    used_keys.update(k for k in mapping if map_layer(layer, {k: mapping[k]})[0])
+                    target_fw = vb.framework
+                if name is None:
+                    not_compared.extend(f"{_join(layer, f)} (mapping: skipped)" for f in view.layers[layer])
+                    continue
+            by_name.setdefault(normalized_name(name, target_fw), []).append(layer)
+        out = {}
+        for name, layers in by_name.items():
+            if len(layers) == 1:
+                out[name] = layers[0]
+                continue
+            for layer in layers:
+                for f in view.layers[layer]:
+                    unmapped[side][view.stored.get(_join(layer, f), _join(layer, f))] = (
+                        f"layers {layers} share the name {name!r} after {view.framework}'s naming rules")
+        return out
+
+    ia, ib = index(0, va), index(1, vb)
+    unused = [k for k in mapping if k not in used_keys]
+    if unused:
+        raise ValueError(f"mapping: {unused} match no layer of {names[0]} (its layers: {sorted(va.layers)})")
+    pairs: list[tuple[str, Any, str, Any]] = []
+    only: tuple[list[str], list[str]] = ([], [])
+
+    def one_sided(side: int, layer: str, fields: Any) -> None:
+        for f in fields:
+            path = _join(layer, f)
+            if f in CONVENTION_FIELDS:
+                not_compared.append(f"{path} ({names[side]} only)")
+            else:
+                only[side].append(path)
+
+    for name, la in ia.items():
+        fa = va.layers[la]
+        if name not in ib:
+            one_sided(0, la, fa)
+            continue
+        lb = ib[name]
+        fb = vb.layers[lb]
+        pairs += [(_join(la, f), fa[f], _join(lb, f), fb[f]) for f in fa if f in fb]
+        one_sided(0, la, [f for f in fa if f not in fb])
+        one_sided(1, lb, [f for f in fb if f not in fa])
+    for name, lb in ib.items():
+        if name not in ia:
+            one_sided(1, lb, vb.layers[lb])
+    leaves = compare_pairs(pairs, rtol=rtol, atol=atol, max_ulp=max_ulp)
+    report = DiffReport(tuple(leaves), tuple(sorted(only[0])), tuple(sorted(only[1])), names=names,
+                        tolerance=_tolerance_text(rtol, atol, max_ulp))
+    return CheckpointDiff(report, unmapped[0], unmapped[1], tuple(not_compared), (va.framework, vb.framework))

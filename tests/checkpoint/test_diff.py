@@ -1,0 +1,156 @@
+"""``normbridge diff`` across frameworks: both files as canonical records (flax layouts), layers paired
+by name after each framework's naming rules, compared with ``normbridge.testing``."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from normbridge import checkpoint as ck
+from normbridge import cli
+
+FACTORIES = "tests.checkpoint.diff_factories"
+TREEX_MLP = "normbridge/conformance/fixtures/treex/sequential_linear_bn_relu_linear_ln.state.msgpack"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _diff_json(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    rc = cli.main(["diff", *args, "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def linen_and_equinox(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path, dict]:
+    """A linen checkpoint with trained statistics, and its conversion to Equinox by normbridge.convert
+    (verified by running both), each written in its own format; and the linen file's arrays."""
+    import jax
+    from flax import serialization
+
+    import normbridge
+    from normbridge.checkpoint import models
+    from tests.checkpoint import diff_factories as f
+
+    d = tmp_path_factory.mktemp("diff")
+    module, variables = f.linen_model()
+    x, x_eqx = f.probes()
+    _, updates = module.apply(variables, 2 * x + 1, train=True, mutable=["batch_stats"])
+    rand = jax.random.uniform  # non-trivial weights: a transposition error cannot hide in symmetric values
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: rand(jax.random.fold_in(jax.random.key(3), hash(jax.tree_util.keystr(p)) % 997), v.shape),
+        variables["params"])
+    variables = {"params": params, **updates}
+    target, report = normbridge.convert((module, variables), f.equinox_model(), probe=(x, x_eqx))
+    assert report.verified
+    linen, eqx_file = d / "net.msgpack", d / "net.nbeqx"
+    linen.write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(variables)))
+    models.write_model(str(eqx_file), target, "equinox")
+    return linen, eqx_file, {k: np.asarray(v) for k, v in ck.read(linen).leaves.items()}
+
+
+def test_linen_and_its_equinox_conversion_are_equal(linen_and_equinox, capsys: pytest.CaptureFixture) -> None:
+    linen, eqx_file, arrays = linen_and_equinox
+    rc, data = _diff_json(capsys, str(linen), str(eqx_file), "--b-model", f"{FACTORIES}:equinox_model",
+                          "--rtol", "0", "--atol", "0")
+    assert rc == 0 and data["ok"], data
+    # every array of the linen file is compared (under linen's names, without the collection)
+    stored = {p.partition("/")[2] for p in arrays}
+    assert {leaf["path"] for leaf in data["leaves"]} == stored and len(stored) == 13
+    assert all(leaf["bitwise"] for leaf in data["leaves"])
+    by_path = {leaf["path"]: leaf for leaf in data["leaves"]}
+    assert by_path["layers_0/kernel"]["path_b"] == "layers/0/kernel"  # linen layers_0 is Equinox layers/0
+    assert by_path["conv/kernel"]["shape_a"] == [3, 3, 3, 4]  # HWIO on both sides (Equinox stores OIHW)
+    assert data["frameworks"] == ["linen", "equinox"] and not data["only_a"] and not data["only_b"]
+
+
+def test_without_the_model_a_bias_free_conv_is_listed_unmapped(linen_and_equinox,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    linen, eqx_file, _ = linen_and_equinox
+    rc, data = _diff_json(capsys, str(linen), str(eqx_file))
+    assert rc == 1 and not data["ok"]
+    assert data["unmapped"]["a"] == {}
+    assert list(data["unmapped"]["b"]) == ["model/conv2/weight"]
+    assert "--b-model" in data["unmapped"]["b"]["model/conv2/weight"]
+    assert data["only_a"] == ["conv2/kernel"] and data["failures"] == []  # everything else equal, bitwise
+    assert len(data["leaves"]) == 12
+    capsys.readouterr()
+    assert cli.main(["diff", str(linen), str(eqx_file)]) == 1
+    out = capsys.readouterr().out
+    assert "1 arrays of" in out and "model/conv2/weight: a Conv without bias or an N-D norm" in out
+
+
+def test_a_tampered_conv_weight_is_the_one_difference(linen_and_equinox, tmp_path: pathlib.Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import equinox as eqx
+
+    from normbridge.checkpoint import models
+    from tests.checkpoint import diff_factories as f
+
+    linen, eqx_file, arrays = linen_and_equinox
+    model, state = models.load_into(ck.read(eqx_file), f.equinox_model())
+    weight = np.array(model.conv.weight)  # OIHW
+    weight[2, 1, 0, 2] += 0.5
+    tampered = tmp_path / "tampered.nbeqx"
+    models.write_model(str(tampered), (eqx.tree_at(lambda m: m.conv.weight, model, weight), state), "equinox")
+    rc, data = _diff_json(capsys, str(linen), str(tampered), "--b-model", f"{FACTORIES}:equinox_model")
+    assert rc == 1 and data["failures"] == ["conv/kernel"], data
+    (leaf,) = [x for x in data["leaves"] if not x["ok"]]
+    assert leaf["mismatched"] == 1 and leaf["index"] == [0, 2, 1, 2]  # the same element, HWIO
+    assert leaf["value_a"] == pytest.approx(float(arrays["params/conv/kernel"][0, 2, 1, 2]))
+    assert leaf["max_abs"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_a_file_without_names_needs_its_model(linen_and_equinox, tmp_path: pathlib.Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    from normbridge.checkpoint import models
+    from tests.checkpoint import diff_factories as f
+
+    linen, eqx_file, _ = linen_and_equinox
+    leaves = tmp_path / "net.eqx"
+    models.write_model(str(leaves), models.load_into(ck.read(eqx_file), f.equinox_model()), "eqx-leaves")
+    rc, data = _diff_json(capsys, str(leaves), str(linen))
+    assert rc == 1 and not data["leaves"] and len(data["unmapped"]["a"]) == len(ck.read(leaves).leaves)
+    assert all("holds no names" in why and "--a-model" in why for why in data["unmapped"]["a"].values())
+    rc, data = _diff_json(capsys, str(leaves), str(linen), "--a-model", f"{FACTORIES}:equinox_model",
+                          "--rtol", "0", "--atol", "0")
+    assert rc == 0 and len(data["leaves"]) == 13, data
+
+
+def test_a_linen_model_needs_a_probe_and_a_mapping_renames(linen_and_equinox, tmp_path: pathlib.Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    linen, eqx_file, _ = linen_and_equinox
+    args = [str(linen), str(eqx_file), "--a-model", f"{FACTORIES}:linen_model",
+            "--b-model", f"{FACTORIES}:equinox_model"]
+    assert cli.main(["diff", *args]) == 2
+    assert "--probe" in capsys.readouterr().err
+    rc, data = _diff_json(capsys, *args, "--probe", "2,5,5,3")
+    assert rc == 0 and len(data["leaves"]) == 13
+    # a mapping pairs layers whose names differ (and one that names no layer is bad input)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"ln": None, "re:layers_(\\d)": "layers/\\1"}))
+    rc, data = _diff_json(capsys, str(linen), str(eqx_file), "--b-model", f"{FACTORIES}:equinox_model",
+                          "--map", str(mapping))
+    assert rc == 1 and data["only_b"] == ["ln/bias", "ln/scale"] and len(data["leaves"]) == 11
+    assert {"ln/scale (mapping: skipped)", "ln/bias (mapping: skipped)"} <= set(data["not_compared"])
+    mapping.write_text(json.dumps({"nothing_here": "ln"}))
+    assert cli.main(["diff", str(linen), str(eqx_file), "--map", str(mapping)]) == 2
+    assert "nothing_here" in capsys.readouterr().err
+
+
+def test_treex_fixture_and_its_equinox_conversion_are_equal(tmp_path: pathlib.Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(ROOT)
+    dst = tmp_path / "mlp.nbeqx"
+    assert cli.main(["convert", TREEX_MLP, "-o", str(dst), "--source-model", "examples.models:treex_mlp",
+                     "--like", "examples.models:equinox_mlp", "--probe", "6,5", "--quiet"]) == 0
+    rc, data = _diff_json(capsys, str(dst), TREEX_MLP, "--rtol", "0", "--atol", "0")
+    assert rc == 0 and data["ok"], data
+    stored = set(ck.read(TREEX_MLP).leaves) - {"layers/1/momentum"}
+    assert {leaf["path"] for leaf in data["leaves"]} == stored and len(stored) == 10
+    # framework conventions present on one side only are listed, not compared
+    assert "layers/1/momentum (" + TREEX_MLP + " only)" in data["not_compared"]
+    assert any(p.startswith("layers/1/inference") for p in data["not_compared"])
