@@ -234,7 +234,7 @@ def test_readme_checkpoint_examples_run(workdir: pathlib.Path, capsys: pytest.Ca
     """Every command of the README's checkpoint section, in order: all exit 0, both round trips are
     bit-exact (``diff`` reports every leaf bitwise equal), ``inspect`` shows each file."""
     commands = _readme_commands()
-    assert len(commands) == 10
+    assert len(commands) == 11
     diffs = []
     for command in commands:
         argv = shlex.split(command)
@@ -252,7 +252,7 @@ def test_readme_checkpoint_examples_run(workdir: pathlib.Path, capsys: pytest.Ca
             assert "BatchNorm" in out and "params" in out, out
         if argv[3] == "convert":  # every conversion of the README is verified by running both models
             assert "verified" in out and "unverified" not in out, out
-    assert len(diffs) == 2
+    assert len(diffs) == 3
     for out in diffs:
         m = re.search(r"match: (\d+) leaves, \d+ elements \((\d+) bitwise\)", out)
         assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 8, out

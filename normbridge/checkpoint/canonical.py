@@ -167,7 +167,10 @@ def canonical_view(ckpt: Checkpoint, *, flag: str = "--model") -> CanonicalView:
         return CanonicalView("equinox", {}, unmapped={p: why for p in ckpt.leaves})
     if ckpt.format != "equinox":
         leaves = canonical_leaves(ckpt)  # in file order; the stored names where two would collide
-        view = CanonicalView(ckpt.framework or "unknown", {}, stored=dict(zip(leaves, ckpt.leaves)))
+        # linen's collections name a linen tree in any format (as canonical_path reads them)
+        linen = any(p.split("/", 1)[0] in ("params", "batch_stats") for p in ckpt.leaves)
+        fw = ckpt.framework or ("linen" if linen else "unknown")
+        view = CanonicalView(fw, {}, stored=dict(zip(leaves, ckpt.leaves)))
         for path, arr in leaves.items():
             layer, _, field = path.rpartition("/")
             view.layers.setdefault(layer, {})[field] = arr

@@ -2,12 +2,14 @@
 (``--a-model`` / ``--b-model tests.checkpoint.diff_factories:...``). The linen layers are named as
 Equinox's fields, its list of Dense layers is linen's ``layers_0``/``layers_1`` (Equinox's
 ``layers/0``/``layers/1``); ``conv`` has a bias, ``conv2`` has none (Conv or an N-D norm? the
-Equinox file alone cannot tell)."""
+Equinox file alone cannot tell). Both are built abstractly (``jax.eval_shape``; Equinox's then as
+zeros): normbridge reads their structure, shapes and dtypes, and the checkpoint gives the values."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 C, HW = 4, 5
 
@@ -29,7 +31,7 @@ def linen_model():
             return self.ln(self.layers[1](nn.relu(self.layers[0](x))))
 
     module = Net()
-    return module, module.init(jax.random.key(0), jnp.zeros((1, HW, HW, 3)))
+    return module, jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, HW, HW, 3)))
 
 
 def equinox_model():
@@ -55,7 +57,10 @@ def equinox_model():
             x = self.conv2(jax.nn.relu(x)).mean(axis=(1, 2))
             return self.ln(self.layers[1](jax.nn.relu(self.layers[0](x)))), state
 
-    return eqx.nn.make_with_state(Net)(jax.random.key(1))
+    abstract = eqx.filter_eval_shape(eqx.nn.make_with_state(Net), jax.random.key(1))
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s,
+                                  abstract,  # Equinox loads into arrays
+                                  is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
 
 
 def probes():
