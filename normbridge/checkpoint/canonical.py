@@ -263,10 +263,13 @@ def model_view(ckpt: Checkpoint, model: Any, probe: Any = None) -> CanonicalView
     the checkpoint is loaded by path (:func:`normbridge.checkpoint.models.load_into`, every mismatch
     a :class:`~normbridge.errors.CheckpointMismatchError`), then the model's layers and records come
     from its framework's conversion spoke, as :func:`normbridge.convert` sees them (a linen model's
-    layers exist only while it runs: it needs ``probe``)."""
+    layers exist only while it runs: it needs ``probe``). Equinox ``mode="batch"`` statistics are
+    compared debiased (:func:`normbridge.core.debias`), as the layer uses them and as
+    :func:`normbridge.convert` writes them for any other framework."""
     from normbridge.checkpoint import models
     from normbridge.conversion.base import record_arrays
     from normbridge.conversion.engine import framework_of, spoke_for
+    from normbridge.core import NormRecord, debias
     from normbridge.errors import CheckpointError
 
     loaded = models.load_into(ckpt, model)
@@ -288,7 +291,13 @@ def model_view(ckpt: Checkpoint, model: Any, probe: Any = None) -> CanonicalView
                 view.layers.setdefault(parent, {})[name] = np.asarray(item.record["value"])
                 view.stored[item.path] = item.path
                 continue
-            for name, arr in record_arrays(item.record).items():
+            record = item.record
+            if isinstance(record, NormRecord) and record.stats_convention == "zero_debiased":
+                # Equinox mode="batch" keeps a hidden EMA: compare what the layer uses (what any other
+                # framework stores after normbridge.convert), as the conversion does
+                mean, var = debias((record.mean, record.var), record.momentum, record.count)
+                record = record.replace(mean=mean, var=var)
+            for name, arr in record_arrays(record).items():
                 view.layers.setdefault(item.path, {})[name] = np.asarray(arr)
                 view.stored[_join(item.path, name)] = _join(item.path, name)
     return view
@@ -386,60 +395,60 @@ def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] 
     mapping = dict(mapping or {})
     unmapped = (dict(va.unmapped), dict(vb.unmapped))
     not_compared: list[str] = []
-    used_keys: set[str] = set()
+    used: set[str] = set()
 
-    def index(side: int, view: CanonicalView) -> dict[str, str]:
-        by_name: dict[str, list[str]] = {}
-        for layer in view.layers:
-            target_fw, name = view.framework, layer
-            if side == 0 and mapping:
-                matched, name = map_layer(layer, mapping)
-                if matched:
-                    used_keys.update(k for k in mapping if map_layer(layer, {k: mapping[k]})[0])
-                    target_fw = vb.framework
-                if name is None:
-                    not_compared.extend(f"{_join(layer, f)} (mapping: skipped)" for f in view.layers[layer])
+    def key_of(side: int, view: CanonicalView, layer: str, field: str) -> str | None:
+        """The pairing key of one leaf: its layer's normalized name and its field; ``None``: skipped."""
+        fw = view.framework
+        if side == 0 and mapping:
+            leaf = _join(layer, field)
+            if leaf in mapping and leaf not in view.layers:  # a bare parameter, mapped by its path
+                used.add(leaf)
+                target = mapping[leaf]
+                return None if target is None else normalized_name(target, vb.framework)
+            original = layer
+            matched, layer = map_layer(original, mapping)
+            if matched:
+                used.update(k for k in mapping if map_layer(original, {k: mapping[k]})[0])
+                fw = vb.framework
+            if layer is None:
+                return None
+        return _join(normalized_name(layer, fw), field)
+
+    def index(side: int, view: CanonicalView) -> dict[str, tuple[str, Any]]:
+        by_key: dict[str, list[tuple[str, Any]]] = {}
+        for layer, fields in view.layers.items():
+            for field, arr in fields.items():
+                key = key_of(side, view, layer, field)
+                if key is None:
+                    not_compared.append(f"{_join(layer, field)} (mapping: skipped)")
                     continue
-            by_name.setdefault(normalized_name(name, target_fw), []).append(layer)
+                by_key.setdefault(key, []).append((_join(layer, field), arr))
         out = {}
-        for name, layers in by_name.items():
-            if len(layers) == 1:
-                out[name] = layers[0]
+        for key, leaves in by_key.items():
+            if len(leaves) == 1:
+                out[key] = leaves[0]
                 continue
-            for layer in layers:
-                for f in view.layers[layer]:
-                    unmapped[side][view.stored.get(_join(layer, f), _join(layer, f))] = (
-                        f"layers {layers} share the name {name!r} after {view.framework}'s naming rules")
+            for path, _ in leaves:  # the engine's rule: a name is paired only where it is unique
+                unmapped[side][view.stored.get(path, path)] = (
+                    f"{[p for p, _ in leaves]} fall on one name ({key}) after {view.framework}'s naming rules")
         return out
 
     ia, ib = index(0, va), index(1, vb)
-    unused = [k for k in mapping if k not in used_keys]
+    unused = [k for k in mapping if k not in used]
     if unused:
         raise ValueError(f"mapping: {unused} match no layer of {names[0]} (its layers: {sorted(va.layers)})")
     pairs: list[tuple[str, Any, str, Any]] = []
     only: tuple[list[str], list[str]] = ([], [])
-
-    def one_sided(side: int, layer: str, fields: Any) -> None:
-        for f in fields:
-            path = _join(layer, f)
-            if f in CONVENTION_FIELDS:
+    for side, (mine, theirs) in enumerate(((ia, ib), (ib, ia))):
+        for key, (path, _) in mine.items():
+            if key in theirs:
+                continue
+            if path.rpartition("/")[2] in CONVENTION_FIELDS:
                 not_compared.append(f"{path} ({names[side]} only)")
             else:
                 only[side].append(path)
-
-    for name, la in ia.items():
-        fa = va.layers[la]
-        if name not in ib:
-            one_sided(0, la, fa)
-            continue
-        lb = ib[name]
-        fb = vb.layers[lb]
-        pairs += [(_join(la, f), fa[f], _join(lb, f), fb[f]) for f in fa if f in fb]
-        one_sided(0, la, [f for f in fa if f not in fb])
-        one_sided(1, lb, [f for f in fb if f not in fa])
-    for name, lb in ib.items():
-        if name not in ia:
-            one_sided(1, lb, vb.layers[lb])
+    pairs = [(pa, a, ib[key][0], ib[key][1]) for key, (pa, a) in ia.items() if key in ib]
     leaves = compare_pairs(pairs, rtol=rtol, atol=atol, max_ulp=max_ulp)
     report = DiffReport(tuple(leaves), tuple(sorted(only[0])), tuple(sorted(only[1])), names=names,
                         tolerance=_tolerance_text(rtol, atol, max_ulp))
