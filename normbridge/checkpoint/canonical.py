@@ -138,6 +138,8 @@ class CanonicalView:
     layers: dict[str, dict[str, Any]]
     stored: dict[str, str] = dataclasses.field(default_factory=dict)
     unmapped: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the file's arrays by stored path (what an unmapped path holds)
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def leaves(self) -> dict[str, Any]:
         """``{"<layer>/<field>": array}``."""
@@ -161,10 +163,11 @@ def canonical_view(ckpt: Checkpoint, *, flag: str = "--model") -> CanonicalView:
     a bias-free 2-D ``weight`` (Linear or Embedding?), a bias-free N-D ``weight`` (Conv or an N-D
     LayerNorm?), MultiheadAttention (the number of heads is not stored), SpectralNorm/WeightNorm,
     Equinox ``mode="batch"`` statistics (zero-debiased), and every leaf of a file without names.
+    Two files of one framework compare what neither maps by its stored path (:func:`diff_views`).
     """
     if ckpt.format == "eqx-leaves":
         why = f"the file holds no names (eqx.tree_serialise_leaves): pass {flag} to give the architecture"
-        return CanonicalView("equinox", {}, unmapped={p: why for p in ckpt.leaves})
+        return CanonicalView("equinox", {}, unmapped={p: why for p in ckpt.leaves}, raw=ckpt.leaves)
     if ckpt.format != "equinox":
         leaves = canonical_leaves(ckpt)  # in file order; the stored names where two would collide
         # linen's collections name a linen tree in any format (as canonical_path reads them)
@@ -181,7 +184,7 @@ def canonical_view(ckpt: Checkpoint, *, flag: str = "--model") -> CanonicalView:
 def _equinox_view(ckpt: Checkpoint, flag: str) -> CanonicalView:
     from normbridge.core import layouts
 
-    view = CanonicalView("equinox", {})
+    view = CanonicalView("equinox", {}, raw=ckpt.leaves)
     need = f"pass {flag} to give the architecture"
     groups: dict[str, dict[str, tuple[str, Any]]] = {}
     for path, arr in ckpt.leaves.items():
@@ -387,7 +390,9 @@ def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] 
     skipping a layer of ``a``); a name two layers of one side share pairs neither (both listed as
     unmapped). Then every field of every pair is compared with :func:`normbridge.testing.compare_pairs`
     (the project's one comparison); ``b`` is the reference. No pairing by position or shape: a layer
-    without a same-named counterpart is reported on its side."""
+    without a same-named counterpart is reported on its side. Two views of one framework compare
+    the paths both leave unmapped as stored (one framework stores one layout; two
+    ``eqx.tree_serialise_leaves`` files by leaf index, as that format loads)."""
     from normbridge.conversion.base import normalized_name
     from normbridge.testing._compare import compare_pairs
     from normbridge.testing.report import DiffReport, _tolerance_text
@@ -449,6 +454,10 @@ def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] 
             else:
                 only[side].append(path)
     pairs = [(pa, a, ib[key][0], ib[key][1]) for key, (pa, a) in ia.items() if key in ib]
+    if va.framework == vb.framework:  # one framework stores one layout: what neither maps compares as stored
+        for path in [p for p in unmapped[0] if p in unmapped[1] and p in va.raw and p in vb.raw]:
+            pairs.append((path, va.raw[path], path, vb.raw[path]))
+            del unmapped[0][path], unmapped[1][path]
     leaves = compare_pairs(pairs, rtol=rtol, atol=atol, max_ulp=max_ulp)
     report = DiffReport(tuple(leaves), tuple(sorted(only[0])), tuple(sorted(only[1])), names=names,
                         tolerance=_tolerance_text(rtol, atol, max_ulp))

@@ -99,6 +99,15 @@ def test_a_tampered_conv_weight_is_the_one_difference(linen_and_equinox, tmp_pat
     assert leaf["mismatched"] == 1 and leaf["index"] == [0, 2, 1, 2]  # the same element, HWIO
     assert leaf["value_a"] == pytest.approx(float(arrays["params/conv/kernel"][0, 2, 1, 2]))
     assert leaf["max_abs"] == pytest.approx(0.5, rel=1e-6)
+    # two Equinox files: what neither maps alone (the bias-free conv2) is compared as stored
+    conv2 = np.array(model.conv2.weight)
+    conv2[0, 0, 1, 1] -= 1.0
+    models.write_model(str(tampered), (eqx.tree_at(lambda m: m.conv2.weight, model, conv2), state), "equinox",
+                       overwrite=True)
+    rc, data = _diff_json(capsys, str(tampered), str(eqx_file))
+    assert rc == 1 and data["failures"] == ["model/conv2/weight"] and not any(data["unmapped"].values())
+    assert [x["index"] for x in data["leaves"] if not x["ok"]] == [[0, 0, 1, 1]]
+    assert _diff_json(capsys, str(eqx_file), str(eqx_file))[0] == 0
 
 
 def test_a_file_without_names_needs_its_model(linen_and_equinox, tmp_path: pathlib.Path,
