@@ -182,8 +182,6 @@ def canonical_view(ckpt: Checkpoint, *, flag: str = "--model") -> CanonicalView:
 
 
 def _equinox_view(ckpt: Checkpoint, flag: str) -> CanonicalView:
-    from normbridge.core import layouts
-
     view = CanonicalView("equinox", {}, raw=ckpt.leaves)
     need = f"pass {flag} to give the architecture"
     groups: dict[str, dict[str, tuple[str, Any]]] = {}
@@ -232,26 +230,12 @@ def _equinox_view(ckpt: Checkpoint, flag: str) -> CanonicalView:
         arrays = {f: a for f, (_, a) in fields.items()}
         out: dict[str, Any] = {}
         w, b = arrays.pop("weight", None), arrays.pop("bias", None)
-        if w is not None:
-            wn, bs = np.ndim(w), np.shape(b) if b is not None else None
-            if b is not None and wn == 2 and bs == (np.shape(w)[0],):
-                out.update(layouts.equinox_to_canonical("dense", {"weight": w, "bias": b}))
-            elif b is not None and wn >= 3 and bs == (np.shape(w)[0],) + (1,) * (wn - 2):
-                out.update(layouts.equinox_to_canonical("conv", {"weight": w, "bias": b}))
-            elif (b is not None and bs == np.shape(w)) or (b is None and wn == 1):
-                out["scale"] = w
-                if b is not None:
-                    out["bias"] = b
-            else:
-                what = ("a Linear without bias or an Embedding" if wn == 2 and b is None else
-                        "a Conv without bias or an N-D norm" if b is None else
-                        f"weight {list(np.shape(w))} with bias {list(bs)}")
-                for f in ("weight", "bias"):
-                    if f in fields:
-                        view.unmapped[fields[f][0]] = f"{what} ({need})"
-                w = b = None
-        elif b is not None:
-            out["bias"] = b
+        try:
+            out.update(_equinox_weight(view, fields, w, b, need))
+        except (TypeError, ValueError) as err:  # e.g. a dtype jax cannot hold: compared as stored, or listed
+            for f in ("weight", "bias"):
+                if f in fields:
+                    view.unmapped[fields[f][0]] = f"cannot be put in the canonical layout: {err}"
         out.update(arrays)  # bare parameters, flags, statistics: the same layout in every framework
         for field, arr in out.items():
             key = _join(layer, field)
@@ -259,6 +243,31 @@ def _equinox_view(ckpt: Checkpoint, flag: str) -> CanonicalView:
             view.layers.setdefault(layer, {})[field] = np.asarray(arr)
             view.stored[key] = src[0] if src else key
     return view
+
+
+def _equinox_weight(view: CanonicalView, fields: dict[str, tuple[str, Any]], w: Any, b: Any,
+                    need: str) -> dict[str, Any]:
+    """The canonical arrays of an Equinox layer's ``weight``/``bias`` where their shapes decide the
+    kind (see :func:`canonical_view`); otherwise both are listed in ``view.unmapped``."""
+    from normbridge.core import layouts
+
+    if w is None:
+        return {} if b is None else {"bias": b}
+    wn, bs = np.ndim(w), None if b is None else np.shape(b)
+    if b is not None and wn == 2 and bs == (np.shape(w)[0],):
+        return layouts.equinox_to_canonical("dense", {"weight": w, "bias": b})
+    if b is not None and wn >= 3 and bs == (np.shape(w)[0],) + (1,) * (wn - 2):
+        return layouts.equinox_to_canonical("conv", {"weight": w, "bias": b})
+    if b is not None and bs == np.shape(w):
+        return {"scale": w, "bias": b}
+    if b is None and wn == 1:
+        return {"scale": w}
+    what = ("a Linear without bias or an Embedding" if wn == 2 and b is None else
+            "a Conv without bias or an N-D norm" if b is None else f"weight {list(np.shape(w))} with bias {list(bs)}")
+    for f in ("weight", "bias"):
+        if f in fields:
+            view.unmapped[fields[f][0]] = f"{what} ({need})"
+    return {}
 
 
 def model_view(ckpt: Checkpoint, model: Any, probe: Any = None) -> CanonicalView:
@@ -398,6 +407,14 @@ def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] 
     from normbridge.testing.report import DiffReport, _tolerance_text
 
     mapping = dict(mapping or {})
+    bad = {k: v for k, v in mapping.items() if not isinstance(v, (str, type(None)))}
+    if bad:
+        raise ValueError(f"mapping: values must be layer paths or null, got {bad}")
+    for key in (k for k in mapping if k.startswith("re:")):
+        try:
+            re.compile(key[3:])
+        except re.error as err:
+            raise ValueError(f"mapping: {key!r} is not a regular expression ({err})") from None
     unmapped = (dict(va.unmapped), dict(vb.unmapped))
     not_compared: list[str] = []
     used: set[str] = set()

@@ -142,6 +142,8 @@ def test_a_linen_model_needs_a_probe_and_a_mapping_renames(linen_and_equinox, tm
                           "--map", str(mapping))
     assert rc == 1 and data["only_b"] == ["ln/bias", "ln/scale"] and len(data["leaves"]) == 11
     assert {"ln/scale (mapping: skipped)", "ln/bias (mapping: skipped)"} <= set(data["not_compared"])
-    mapping.write_text(json.dumps({"nothing_here": "ln"}))
-    assert cli.main(["diff", str(linen), str(eqx_file), "--map", str(mapping)]) == 2
-    assert "nothing_here" in capsys.readouterr().err
+    for bad, message in (({"nothing_here": "ln"}, "nothing_here"), ({"ln": 3}, "layer paths or null"),
+                         ({"re:(": "ln"}, "not a regular expression")):
+        mapping.write_text(json.dumps(bad))
+        assert cli.main(["diff", str(linen), str(eqx_file), "--map", str(mapping)]) == 2
+        assert message in capsys.readouterr().err
