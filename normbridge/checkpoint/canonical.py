@@ -114,11 +114,14 @@ def stats(arr: np.ndarray) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- canonical records of a file
-#: Fields one framework stores and another does not: mode flags, hyper-parameters kept as state,
-#: bookkeeping (Equinox ``inference`` / Dropout ``p`` / BatchNorm's first-call flag, treex's BatchNorm
+#: Fields one framework stores and another does not, per framework: mode flags, hyper-parameters kept
+#: as state, bookkeeping (Equinox ``inference`` / Dropout ``p`` / BatchNorm's first-call flag, treex's BatchNorm
 #: ``momentum``, a record's update ``count``). Present on both sides they are compared; on one side
 #: only they are listed as not compared, never as a difference (no other framework could hold them).
-CONVENTION_FIELDS = ("inference", "p", "first_time", "count", "momentum")
+CONVENTION_FIELDS: dict[str, tuple[str, ...]] = {
+    "equinox": ("inference", "p", "first_time", "count"),
+    "treex": ("momentum",),
+}
 _EQX_ATTENTION = ("query_proj", "key_proj", "value_proj", "output_proj")
 
 
@@ -463,10 +466,11 @@ def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] 
     pairs: list[tuple[str, Any, str, Any]] = []
     only: tuple[list[str], list[str]] = ([], [])
     for side, (mine, theirs) in enumerate(((ia, ib), (ib, ia))):
+        conventions = CONVENTION_FIELDS.get((va, vb)[side].framework, ())
         for key, (path, _) in mine.items():
             if key in theirs:
                 continue
-            if path.rpartition("/")[2] in CONVENTION_FIELDS:
+            if path.rpartition("/")[2] in conventions:
                 not_compared.append(f"{path} ({names[side]} only)")
             else:
                 only[side].append(path)
