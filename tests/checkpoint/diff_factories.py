@@ -67,3 +67,43 @@ def probes():
     """``(linen input, Equinox input)``: the same images, channels last and channels first."""
     x = jax.random.normal(jax.random.key(2), (2, HW, HW, 3))
     return x, jnp.moveaxis(x, -1, 1)
+
+
+VOCAB, SEQ, D, HEADS = 7, 3, 8, 2
+
+
+def linen_attention():
+    """Embed + multi-head self-attention (kernels ``(D, H, Dh)``), linen."""
+    import flax.linen as nn
+
+    class Att(nn.Module):
+        @nn.compact
+        def __call__(self, ids, train: bool = False):
+            x = nn.Embed(VOCAB, D, name="embed")(ids)
+            return nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attn")(x)
+
+    module = Att()
+    return module, jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))
+
+
+def equinox_attention():
+    """The same in Equinox (projections ``(H·Dh, D)``, the number of heads a static field)."""
+    import equinox as eqx
+
+    class Att(eqx.Module):
+        embed: eqx.nn.Embedding
+        attn: eqx.nn.MultiheadAttention
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.embed = eqx.nn.Embedding(VOCAB, D, key=k1)
+            self.attn = eqx.nn.MultiheadAttention(HEADS, D, use_query_bias=True, use_key_bias=True,
+                                                  use_value_bias=True, use_output_bias=True, key=k2)
+
+        def __call__(self, ids):
+            x = jax.vmap(self.embed)(ids)
+            return self.attn(x, x, x)
+
+    abstract = eqx.filter_eval_shape(Att, jax.random.key(1))
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s,
+                                  abstract, is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))

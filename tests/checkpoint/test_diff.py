@@ -147,3 +147,39 @@ def test_a_linen_model_needs_a_probe_and_a_mapping_renames(linen_and_equinox, tm
         mapping.write_text(json.dumps(bad))
         assert cli.main(["diff", str(linen), str(eqx_file), "--map", str(mapping)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_attention_heads_come_from_the_model(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    """Equinox stores attention projections as (H·Dh, D): the file alone cannot split the heads, the
+    model can; then every projection compares in linen's (D, H, Dh) layout."""
+    import jax
+    from flax import serialization
+
+    import normbridge
+    from normbridge.checkpoint import models
+    from tests.checkpoint import diff_factories as f
+
+    module, abstract = f.linen_attention()
+    rng = np.random.default_rng(1)
+    variables = jax.tree_util.tree_map(lambda s: rng.uniform(-1, 1, s.shape).astype(s.dtype), abstract)
+    ids = jax.numpy.array([[1, 4, 6], [0, 2, 5]])
+    target, _ = normbridge.convert((module, variables), f.equinox_attention(), probe=ids, verify=False)
+    # head h, dimension d of the query projection is Equinox's row h * Dh + d (checked with numpy alone)
+    dh = f.D // f.HEADS
+    q = variables["params"]["attn"]["query"]["kernel"]  # (D, H, Dh)
+    np.testing.assert_array_equal(target.attn.query_proj.weight[1 * dh + 3], q[:, 1, 3])
+    linen, eqx_file = tmp_path / "att.msgpack", tmp_path / "att.nbeqx"
+    linen.write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(variables)))
+    models.write_model(str(eqx_file), target, "equinox")
+
+    rc, data = _diff_json(capsys, str(linen), str(eqx_file))
+    assert rc == 1 and not data["leaves"] and len(data["only_a"]) == 9
+    unmapped = data["unmapped"]["b"]
+    assert sorted(unmapped) == sorted(p for p in ck.read(eqx_file).leaves)  # embedding and attention
+    assert "number of heads" in unmapped["model/attn/query_proj/weight"]
+    rc, data = _diff_json(capsys, str(linen), str(eqx_file), "--b-model", f"{FACTORIES}:equinox_attention",
+                          "--rtol", "0", "--atol", "0")
+    assert rc == 0 and len(data["leaves"]) == 9 and all(x["bitwise"] for x in data["leaves"]), data
+    by_path = {x["path"]: x for x in data["leaves"]}
+    assert by_path["attn/query/kernel"]["shape_b"] == [f.D, f.HEADS, dh]
+    assert by_path["attn/out/kernel"]["shape_b"] == [f.HEADS, dh, f.D]
