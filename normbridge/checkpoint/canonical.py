@@ -10,8 +10,12 @@ one rule per framework, without a model (a checkpoint holds no architecture):
   BatchNorm's ``state/<layer>/[ema_]state_index/0`` and ``/1`` are ``<layer>/mean`` and ``<layer>/var``;
 * treex and the rest: as stored.
 
-Layers are never paired by a guess: two checkpoints compare path by path after these rules, and
-a path on one side only is reported as such.
+``inspect`` groups a checkpoint's arrays by these names (:func:`layers`). ``diff`` goes further
+(:func:`canonical_view`, :func:`model_view`, :func:`diff_views`): each file's arrays as canonical
+records (flax's layouts, Equinox's transposed by :mod:`normbridge.core.layouts`; from the file
+alone where its arrays decide the kind, else from a model), paired by layer name after each
+framework's naming rules and compared with :mod:`normbridge.testing`. Layers are never paired by a
+guess: what cannot be mapped or paired is reported as such.
 """
 
 from __future__ import annotations
