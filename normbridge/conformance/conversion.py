@@ -37,13 +37,13 @@ class Refusal:
 #: step from ``u`` on every call. They agree only where Equinox's iteration has converged; the test models'
 #: random ``(u, v)`` has not, and the verification refuses (docs/conversion.md).
 EQX_SPECTRAL = Refusal(
-    "equinox SpectralNorm's stored (u, v) is not converged; flax-family SpectralNorm re-iterates from u",
+    "Equinox SpectralNorm's stored (u, v) is not converged; flax re-iterates from u",
     "stored (u, v) at inference",
 )
 #: flax → Equinox SpectralNorm stores flax's iterated ``(u, v)`` (same σ, verified); converting back
 #: re-iterates from there, so the way back is refused for the same reason.
 FLAX_SPECTRAL_BACK = Refusal(
-    "flax SpectralNorm -> equinox stores flax's iterated (u, v); flax re-iterates from it on the way back",
+    "flax SpectralNorm -> Equinox stores flax's iterated (u, v); flax re-iterates from it on the way back",
     "stored (u, v) at inference",
 )
 

@@ -1,14 +1,15 @@
 """The conversion architectures of tests/conversion and ``normbridge check``, once per framework (``ns``:
-native layers or facades):
+native layers or facades; treex: its facade only, treex itself no longer installs):
 
 * ``resnet``: a ResNet in the style of flax's ``examples/imagenet/models.py``: stem ``conv_init`` /
   ``bn_init`` and blocks ``ResNetBlock_N`` (linen sorts the stem after the blocks); every BatchNorm has
-  the same shape, so a shifted pairing is invisible to shape checks. The NNX/Equinox blocks *define*
-  ``bn2`` before ``bn1`` (definition order is not call order);
+  the same shape, so a shifted pairing is invisible to shape checks. The NNX/Equinox/treex blocks *define*
+  ``bn2`` before ``bn1`` (definition order is not call order); linen, NNX, Equinox, treex;
 * ``transformer``: a pre-LN encoder block: Embed + a bare ``pos_embedding`` parameter, LayerNorm,
-  multi-head self-attention, LayerNorm, Dense MLP, final RMSNorm;
-* ``sngn``: Conv + GroupNorm + SpectralNorm(Dense) + WeightNorm(Dense);
-* ``mlp``: Dense + BatchNorm + LayerNorm + RMSNorm (treex has no Conv/Embed/attention layers here).
+  multi-head self-attention, LayerNorm, Dense MLP, final RMSNorm; linen, NNX, Equinox (the treex facade
+  has no attention layer: docs/conversion.md, Limits);
+* ``sngn``: Conv + GroupNorm + SpectralNorm(Dense) + WeightNorm(Dense); linen, NNX, Equinox, treex;
+* ``mlp``: Dense + BatchNorm + LayerNorm + RMSNorm; linen, NNX, Equinox, treex.
 
 ``build(arch, framework, flavor)`` returns the model (in the form ``normbridge.convert`` takes) with
 random, non-trivial state (random weights and running statistics, set in each framework's own layout
@@ -425,9 +426,9 @@ def build(arch: str, framework: str, flavor: str = "native", seed: int = 0) -> A
     if framework == "equinox":
         model, state = eqx.nn.make_with_state(EQX[arch])(ns, jax.random.key(seed))
         model = _randomize_tree(model, seed + 1, lambda p: False)
-        for bn in [m for m in jax.tree_util.tree_leaves(model, is_leaf=_is_bn) if _is_bn(m)]:
+        for i, bn in enumerate(m for m in jax.tree_util.tree_leaves(model, is_leaf=_is_bn) if _is_bn(m)):
             mean, var = state.get(bn.ema_state_index)
-            k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), hash(id(bn)) % 1000))
+            k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))  # the same state every run
             state = state.set(bn.ema_state_index, (_rand(k1, mean), _rand(k2, var, positive=True)))
             state = state.set(bn.ema_first_time_index, jnp.array(False))
         for sn in [m for m in jax.tree_util.tree_leaves(model, is_leaf=_is_sn) if _is_sn(m)]:
