@@ -72,3 +72,21 @@ def test_an_unexpected_refusal_fails_the_check(monkeypatch) -> None:
     assert len(failures) == 3 and "FAIL: refused (unexpected): a regression" in md
     assert "3 conversions: 0 verified, 0 refused as expected, 3 failing." in md
     assert ("sngn", "equinox", "linen") in conversion.EXPECTED_REFUSALS
+
+
+def test_a_refused_way_back_outside_expected_one_way_fails(monkeypatch) -> None:
+    import normbridge
+    import normbridge.conversion
+
+    real = normbridge.conversion.convert
+    calls = []
+
+    def back_refused(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise normbridge.ConversionError("refused (test)", problems=["stored (u, v) at inference"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(normbridge.conversion, "convert", back_refused)
+    cell = conversion._one("mlp", "nnx", "treex", "native")
+    assert len(calls) == 2 and not cell.ok and "way back refused (unexpected): stored (u, v)" in cell.text, cell
