@@ -1,14 +1,15 @@
 """The conversion architectures of tests/conversion and ``normbridge check``, once per framework (``ns``:
-native layers or facades):
+native layers or facades; treex: its facade only, treex itself no longer installs):
 
 * ``resnet``: a ResNet in the style of flax's ``examples/imagenet/models.py``: stem ``conv_init`` /
   ``bn_init`` and blocks ``ResNetBlock_N`` (linen sorts the stem after the blocks); every BatchNorm has
-  the same shape, so a shifted pairing is invisible to shape checks. The NNX/Equinox blocks *define*
-  ``bn2`` before ``bn1`` (definition order is not call order);
+  the same shape, so a shifted pairing is invisible to shape checks. The NNX/Equinox/treex blocks *define*
+  ``bn2`` before ``bn1`` (definition order is not call order); linen, NNX, Equinox, treex;
 * ``transformer``: a pre-LN encoder block: Embed + a bare ``pos_embedding`` parameter, LayerNorm,
-  multi-head self-attention, LayerNorm, Dense MLP, final RMSNorm;
-* ``sngn``: Conv + GroupNorm + SpectralNorm(Dense) + WeightNorm(Dense);
-* ``mlp``: Dense + BatchNorm + LayerNorm + RMSNorm (treex has no Conv/Embed/attention layers here).
+  multi-head self-attention, LayerNorm, Dense MLP, final RMSNorm; linen, NNX, Equinox (the treex facade
+  has no attention layer: docs/conversion.md, Limits);
+* ``sngn``: Conv + GroupNorm + SpectralNorm(Dense) + WeightNorm(Dense); linen, NNX, Equinox, treex;
+* ``mlp``: Dense + BatchNorm + LayerNorm + RMSNorm; linen, NNX, Equinox, treex.
 
 ``build(arch, framework, flavor)`` returns the model (in the form ``normbridge.convert`` takes) with
 random, non-trivial state (random weights and running statistics, set in each framework's own layout
@@ -32,13 +33,14 @@ import normbridge.adapters.equinox as E
 import normbridge.adapters.linen as L
 import normbridge.adapters.nnx as F
 import normbridge.adapters.treex as T
+from normbridge.adapters.treex.module import to
 
 N, HW, C, CLASSES = 2, 6, 4, 3
 SEQ, D, VOCAB, HEADS = 5, 8, 11, 2
 ARCHS = {
-    "resnet": ("linen", "nnx", "equinox"),
+    "resnet": ("linen", "nnx", "equinox", "treex"),
     "transformer": ("linen", "nnx", "equinox"),
-    "sngn": ("linen", "nnx", "equinox"),
+    "sngn": ("linen", "nnx", "equinox", "treex"),
     "mlp": ("linen", "nnx", "equinox", "treex"),
 }
 NS = {
@@ -319,6 +321,46 @@ class EqxMlp(eqx.Module):
 # --------------------------------------------------------------------------- treex
 
 
+class TreexBlock(T.Module):
+    def __init__(self):
+        self.bn2 = T.BatchNorm(momentum=0.9)  # defined before bn1 on purpose
+        self.conv1 = T.Conv(C, (3, 3), use_bias=False)
+        self.bn1 = T.BatchNorm(momentum=0.9)
+        self.conv2 = T.Conv(C, (3, 3), use_bias=False)
+
+    def __call__(self, x):
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        return jax.nn.relu(x + self.bn2(self.conv2(y)))
+
+
+class TreexResNet(T.Module):
+    blocks: list = to.node()
+
+    def __init__(self):
+        self.head = T.Linear(CLASSES)
+        self.conv_init = T.Conv(C, (3, 3))
+        self.bn_init = T.BatchNorm(momentum=0.9)
+        self.blocks = [TreexBlock() for _ in range(2)]
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.bn_init(self.conv_init(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+class TreexSnGn(T.Module):
+    def __init__(self):
+        self.conv = T.Conv(C, (3, 3))
+        self.gn = T.GroupNorm(num_groups=2, epsilon=1e-6)  # treex's default eps is 1e-5, linen's 1e-6
+        self.sn = T.SpectralNorm(T.Linear(C))
+        self.wn = T.WeightNorm(T.Linear(CLASSES))
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.gn(self.conv(x))).mean(axis=(1, 2))
+        return self.wn(jax.nn.relu(self.sn(x)))
+
+
 class TreexMlp(T.Module):
     def __init__(self):
         self.dense1 = T.Linear(C)
@@ -357,6 +399,7 @@ def _is_var(path: str) -> bool:
 LINEN = {"resnet": LinenResNet, "transformer": LinenTransformer, "sngn": LinenSnGn, "mlp": LinenMlp}
 NNX = {"resnet": NnxResNet, "transformer": NnxTransformer, "sngn": NnxSnGn, "mlp": NnxMlp}
 EQX = {"resnet": EqxResNet, "transformer": EqxTransformer, "sngn": EqxSnGn, "mlp": EqxMlp}
+TREEX = {"resnet": TreexResNet, "sngn": TreexSnGn, "mlp": TreexMlp}
 
 
 def probe(arch: str, framework: str) -> jax.Array:
@@ -383,9 +426,9 @@ def build(arch: str, framework: str, flavor: str = "native", seed: int = 0) -> A
     if framework == "equinox":
         model, state = eqx.nn.make_with_state(EQX[arch])(ns, jax.random.key(seed))
         model = _randomize_tree(model, seed + 1, lambda p: False)
-        for bn in [m for m in jax.tree_util.tree_leaves(model, is_leaf=_is_bn) if _is_bn(m)]:
+        for i, bn in enumerate(m for m in jax.tree_util.tree_leaves(model, is_leaf=_is_bn) if _is_bn(m)):
             mean, var = state.get(bn.ema_state_index)
-            k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), hash(id(bn)) % 1000))
+            k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))  # the same state every run
             state = state.set(bn.ema_state_index, (_rand(k1, mean), _rand(k2, var, positive=True)))
             state = state.set(bn.ema_first_time_index, jnp.array(False))
         for sn in [m for m in jax.tree_util.tree_leaves(model, is_leaf=_is_sn) if _is_sn(m)]:
@@ -393,15 +436,34 @@ def build(arch: str, framework: str, flavor: str = "native", seed: int = 0) -> A
             k1, k2 = jax.random.split(jax.random.key(seed + 3))
             state = state.set(sn.uv_index, (_unit(_rand(k1, u)), _unit(_rand(k2, v))))
         return model, state
-    model = TreexMlp().init(jax.random.key(seed), x)
+    return _randomize_treex(TREEX[arch]().init(jax.random.key(seed), x), seed)
+
+
+#: The array fields of the treex layers in these architectures (norm statistics, spectral ``u``/``sigma``).
+_TREEX_FIELDS = ("kernel", "bias", "scale", "mean", "var", "u", "sigma", "embedding")
+
+
+def _randomize_treex(model: Any, seed: int) -> Any:
+    """A copy of a treex model with every array field random (``var`` positive), walked in attribute order."""
     out = model.copy()
-    for i, (_, layer) in enumerate(sorted(vars(out).items())):
-        if not isinstance(layer, T.Module):
-            continue
-        for field in ("kernel", "bias", "scale", "mean", "var"):
-            value = getattr(layer, field, None)
+    index = iter(range(10**6))
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for child in node:
+                walk(child)
+            return
+        if not isinstance(node, T.Module):
+            return
+        for field in _TREEX_FIELDS:
+            value = getattr(node, field, None)
             if value is not None:
-                layer.__dict__[field] = _rand(jax.random.key(seed * 100 + i * 10 + len(field)), value, field == "var")
+                key = jax.random.key(seed * 100 + next(index))
+                node.__dict__[field] = _rand(key, value, field == "var")
+        for _, child in sorted(vars(node).items()):
+            walk(child)
+
+    walk(out)
     return out
 
 

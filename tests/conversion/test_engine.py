@@ -56,8 +56,9 @@ CONVERTIBLE = [
     for b in fws
     if a != b and not (arch == "sngn" and a == "equinox")
 ]
-#: flax SpectralNorm -> Equinox stores flax's iterated (u, v); flax re-iterates from there: one way.
-ONE_WAY = {("sngn", "linen", "equinox"), ("sngn", "nnx", "equinox")}
+#: flax SpectralNorm -> Equinox stores flax's iterated (u, v); flax re-iterates from there: one way
+#: (the treex facade's SpectralNorm follows flax).
+ONE_WAY = {("sngn", "linen", "equinox"), ("sngn", "nnx", "equinox"), ("sngn", "treex", "equinox")}
 
 
 @functools.cache
@@ -125,6 +126,17 @@ def test_linen_resnet_to_nnx_without_mapping_is_bitwise_and_paired_by_execution(
     )
 
 
+def test_linen_resnet_to_treex_pairs_the_blocks_by_execution() -> None:
+    """The treex ResNet's blocks also define bn2 before bn1; its attribute walk lists bn2 first."""
+    tgt, report = converted("resnet", "linen", "treex")
+    how = {p.source: (p.target, p.how) for p in report.pairs}
+    assert how["bn_init"] == ("bn_init", "name")
+    assert how["ResNetBlock_0/BatchNorm_0"] == ("blocks/0/bn1", "execution order")
+    assert how["ResNetBlock_1/BatchNorm_1"] == ("blocks/1/bn2", "execution order")
+    src = model("resnet", "linen")
+    np.testing.assert_array_equal(tgt.blocks[1].bn2.var, src[1]["batch_stats"]["ResNetBlock_1"]["BatchNorm_1"]["var"])
+
+
 def test_partial_mapping_of_the_stem_is_still_correct() -> None:
     """The issue's trap: mapping only conv_init must not shift the BatchNorms."""
     src, like = model("resnet", "linen"), model("resnet", "nnx", seed=5)
@@ -150,12 +162,17 @@ def test_transformer_with_linen_attention_converts_to_nnx_and_equinox() -> None:
         assert report.verified, str(report)
 
 
-def test_equinox_spectral_norm_not_converged_is_refused_by_verification_with_the_reason() -> None:
-    src, like = model("sngn", "equinox"), model("sngn", "linen", seed=5)
+@pytest.mark.parametrize("b,sn", [("linen", "SpectralNorm_0"), ("treex", "sn")])
+def test_equinox_spectral_norm_not_converged_is_refused_by_verification_with_the_reason(b: str, sn: str) -> None:
+    """treex's SpectralNorm follows flax (power iteration from ``u`` on every call): refused like linen/NNX."""
+    src, like = model("sngn", "equinox"), model("sngn", b, seed=5)
+    before = state(b, like)
     with pytest.raises(normbridge.ConversionError) as err:
-        normbridge.convert(src, like, probe=(M.probe("sngn", "equinox"), M.probe("sngn", "linen")))
+        normbridge.convert(src, like, probe=(M.probe("sngn", "equinox"), M.probe("sngn", b)))
     assert "outputs differ" in str(err.value) and "stored (u, v) at inference" in str(err.value)
-    assert err.value.mapping["sn"] == "SpectralNorm_0"
+    assert err.value.measured.max_rel > 1e-2  # measured, far beyond the bound
+    assert err.value.mapping["sn"] == sn
+    assert tree_diff(before, state(b, like)).exact()
 
 
 def test_flax_spectral_and_weight_norm_to_equinox_record_what_was_done() -> None:
