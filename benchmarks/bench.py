@@ -1268,10 +1268,13 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
     anchor = jax.jit(lambda v: v * 2.0)
     fns.append(lambda: anchor(x))
     est = warm_up(fns, timing.warmup)
-    # The A/A control: per phase, a second entry of the native that was fastest in the warm-up, the same
-    # compiled function called through the same callable; copy / original shows the machine's noise.
-    aa_of = {p: min((n for n in names if n.startswith("native ")), key=lambda n: est[2 * names.index(n) + p])
-             for p in (0, 1)}
+    # The A/A control: per phase, a second entry of the native that is fastest in a short interleaved
+    # pre-run (3 calls each), the same compiled function called through the same callable; copy / original
+    # shows the machine's noise on this case.
+    natives = [n for n in names if n.startswith("native ")]
+    pre_fns = [fns[2 * names.index(n) + p] for p in (0, 1) for n in natives]
+    pre = [statistics.median(v) for v in interleaved(pre_fns, [3] * len(pre_fns), 0)]
+    aa_of = {p: natives[min(range(len(natives)), key=lambda i: pre[p * len(natives) + i])] for p in (0, 1)}
     fns += [fns[2 * names.index(aa_of[0])], fns[2 * names.index(aa_of[1]) + 1]]
     # One rep count per phase, so that every function of a phase is called once in the same rounds and
     # sample i of each is from round i: the per-repetition ratios are paired.
@@ -1373,7 +1376,7 @@ def versus_markdown(results: Sequence[VersusResult], argv: Sequence[str], wall_s
         "- fast / fastest = paired per-repetition ratios (round i's fast-mode call / round i's call of the",
         "  fastest native): their median and its distribution-free 95 % interval (order statistics); the",
         "  facade shown is the one with the lowest median (target <= 1.00, above in **bold**). A/A = the same",
-        "  for a second entry of the fastest native's compiled function (the native fastest in the warm-up):",
+        "  for a second entry of the fastest native's compiled function (fastest in a 3-call pre-run):",
         "  the machine's noise on this case. fast / exact = that facade's fast / its exact mode (= its native",
         "  program); fast / linen = fast / native flax.linen (ratios of medians). big kernels = compiled",
         "  kernels streaming an x-sized array.",
