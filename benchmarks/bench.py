@@ -593,6 +593,48 @@ def entry_kernels(text: str) -> int:
     return kernel_profile(text)[0]
 
 
+def _type_sizes(type_text: str) -> list[int]:
+    """Element counts of each array in an HLO type (several for a tuple)."""
+    return [math.prod(int(d) for d in ds.split(",") if d) for ds in re.findall(r"\[([\d,]*)\]", type_text)]
+
+
+def kernel_structure(text: str) -> tuple[tuple[str, int, int], ...]:
+    """The x-sized traffic of each big kernel of the ENTRY computation, in program order:
+    ``(op, x-sized arrays read, x-sized arrays written)``; x-sized = at least 1/8 of the largest
+    parameter, as in :func:`kernel_profile`. Two programs with the same structure stream x the same
+    number of times in the same kernels; what differs is inside the kernels (loop order, vectorization)."""
+    entry = text.split("\nENTRY", 1)[-1]
+    size: dict[str, int] = {}
+    ops: list[tuple[str, list[int], list[int]]] = []
+    for line in entry.splitlines()[1:]:
+        if line.strip() == "}":
+            break
+        mt = _INSTR.match(line)
+        if not mt:
+            continue
+        name, typ, op, args = mt.groups()
+        outs = _type_sizes(typ)
+        size[name] = max(outs, default=0)
+        operands = list(dict.fromkeys(a for a in re.findall(r"%[\w.\-]+", args) if a in size))
+        ops.append((op, [size[a] for a in operands], outs))
+    largest = max((max(o, default=0) for op, _, o in ops if op == "parameter"), default=0)
+    out = []
+    for op, reads, writes in ops:
+        if op in _TRIVIAL:
+            continue
+        r = sum(n * 8 >= largest for n in reads)
+        w = sum(n * 8 >= largest for n in writes)
+        if r or w:
+            out.append((op, r, w))
+    return tuple(out)
+
+
+def fmt_structure(structure: Sequence[tuple[str, int, int]]) -> str:
+    """``"fusion 1R/1W, fusion 2R/0W"`` (x-sized reads / writes per big kernel) plus the total x traffic."""
+    total = sum(r + w for _, r, w in structure)
+    return f"{', '.join(f'{op} {r}R/{w}W' for op, r, w in structure)} ({total} x-passes)"
+
+
 def compiled_text(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
     """Optimized HLO of a jitted function (jax.jit, nnx.jit and eqx.filter_jit all have .lower)."""
     try:
@@ -677,16 +719,50 @@ def interleaved(fns: Sequence[Callable[[], Any]], reps: Sequence[int], rounds: i
     return samples
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``(median, lo, hi)``: the sample median and the distribution-free order-statistic confidence
+    interval for the population median, ``[v_(k), v_(n+1-k)]`` with the largest ``k`` for which
+    ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2`` (coverage at least ``level``; with fewer than 6
+    values no such ``k`` exists and the interval is the whole range)."""
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    tail = (1.0 - level) / 2
+    k, cdf = 0, 0.0  # cdf = P(B < k + 1) as k grows
+    while k < n // 2:
+        cdf += math.comb(n, k) / 2**n
+        if cdf > tail:
+            break
+        k += 1
+    k = max(k, 1)
+    return statistics.median(v), v[k - 1], v[n - k]
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per-repetition ratios ``num_i / den_i`` of two functions timed in the same interleaved rounds
+    (sample ``i`` of each comes from round ``i``, so both saw the same state of the machine)."""
+    if len(num) != len(den):
+        raise ValueError(f"paired_ratios: {len(num)} vs {len(den)} samples (not timed in the same rounds)")
+    return [a / b for a, b in zip(num, den)]
+
+
 def sized_reps(fns: Sequence[Callable[[], Any]], targets: Sequence[float], timing: Timing) -> list[int]:
     """Warm every function up ``timing.warmup`` times, then give each ``clamp(target_s / t_call, min_reps,
     max_reps)`` reps, ``t_call`` being its last warm-up call (at least 1 µs)."""
+    est = warm_up(fns, timing.warmup)
+    return [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+
+
+def warm_up(fns: Sequence[Callable[[], Any]], warmup: int) -> list[float]:
+    """Call each function ``warmup`` times; return its last call's time (at least 1 µs)."""
     est = []
     for f in fns:
         t = 0.0
-        for _ in range(timing.warmup):
+        for _ in range(warmup):
             t, _ = _timed(f)
         est.append(max(t, 1e-6))
-    return [min(timing.max_reps, max(timing.min_reps, round(tg / t))) for tg, t in zip(targets, est)]
+    return est
 
 
 def run_case(facade: str, layer: str, shape_name: str, *, quick: bool = False, timing: Timing | None = None,
@@ -1022,7 +1098,7 @@ VERSUS_LAYERS: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass
 class VersusResult:
-    """One (layer, shape) case of --versus mode: medians (ms) per implementation and phase."""
+    """One (layer, shape) case of --versus mode: samples and medians (ms) per implementation and phase."""
 
     layer: str
     shape: str
@@ -1038,19 +1114,79 @@ class VersusResult:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: name -> canonical optimized HLO (fwd, fwd+bwd), for "same program" verdicts (empty without --hlo)
     programs: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict, repr=False)
+    #: name -> (fwd samples, fwd+bwd samples) in ms; sample i of every name of a phase is from round i
+    samples: dict[str, tuple[list[float], list[float]]] = dataclasses.field(default_factory=dict, repr=False)
+    #: phase -> (native, samples): the A/A control, a second entry of that native's compiled function
+    aa: dict[int, tuple[str, list[float]]] = dataclasses.field(default_factory=dict, repr=False)
+    #: name -> (fwd, fwd+bwd) :func:`kernel_structure` of the compiled programs (empty without --hlo)
+    structure: dict[str, tuple[tuple[tuple[str, int, int], ...], ...]] = dataclasses.field(
+        default_factory=dict, repr=False)
 
     def fastest_native(self, phase: int) -> tuple[str, float]:
         natives = {k.removeprefix("native "): v[phase] for k, v in self.ms.items() if k.startswith("native ")}
         name = min(natives, key=natives.__getitem__)
         return name, natives[name]
 
+    def paired(self, facade: str, phase: int) -> tuple[float, float, float]:
+        """(median, lo, hi) of the paired per-repetition ratios ``facade fast`` / the fastest native."""
+        nat = self.fastest_native(phase)[0]
+        if not self.samples:  # built by hand (tests): the ratio of medians, no interval
+            r = self.ms[f"{facade} fast"][phase] / self.ms[f"native {nat}"][phase]
+            return r, r, r
+        return median_interval(paired_ratios(self.samples[f"{facade} fast"][phase],
+                                             self.samples[f"native {nat}"][phase]))
+
+    def aa_interval(self, phase: int) -> tuple[str, tuple[float, float, float]] | None:
+        """The A/A control of ``phase``: (native, paired ratios copy / original: median, lo, hi)."""
+        if phase not in self.aa:
+            return None
+        nat, copy = self.aa[phase]
+        return nat, median_interval(paired_ratios(copy, self.samples[f"native {nat}"][phase]))
+
     def best_fast(self, phase: int) -> tuple[str, float]:
-        fasts = {k.removesuffix(" fast"): v[phase] for k, v in self.ms.items() if k.endswith(" fast")}
-        name = min(fasts, key=fasts.__getitem__)
-        return name, fasts[name]
+        """The fast-mode facade with the lowest paired median ratio to the fastest native, and its median ms."""
+        fasts = [k.removesuffix(" fast") for k in self.ms if k.endswith(" fast")]
+        name = min(fasts, key=lambda f: self.paired(f, phase)[0])
+        return name, self.ms[f"{name} fast"][phase]
 
     def ratio_to_fastest(self, facade: str, phase: int) -> float:
-        return self.ms[f"{facade} fast"][phase] / self.fastest_native(phase)[1]
+        return self.paired(facade, phase)[0]
+
+    def verdict(self, phase: int) -> tuple[str, str]:
+        """(short, long) verdict on fast mode vs the fastest native in ``phase``: ``≤ 1.00``; above 1.00
+        but the same optimized program; interval includes 1.00 and the same kernel structure; or slower,
+        with the kernel structures that differ."""
+        nat = self.fastest_native(phase)[0]
+        fac = self.best_fast(phase)[0]
+        med, lo, hi = self.paired(fac, phase)
+        if med <= 1.0:
+            return "≤ 1.00", ""
+        aa = self.aa_interval(phase)
+        aa_text = f"; A/A control (native {aa[0]} twice) {fmt_interval(aa[1])}" if aa else ""
+        native_prog = self.programs.get(f"native {nat}", (None, None))[phase]
+        same = [f for f in (k.removesuffix(" fast") for k in self.ms if k.endswith(" fast"))
+                if native_prog is not None and self.programs.get(f"{f} fast", (None, None))[phase] == native_prog]
+        if same:
+            ratios = ", ".join(f"{f} fast {fmt_interval(self.paired(f, phase))}" for f in same)
+            return "same program", (f"above 1.00 but the same optimized program (HLO identical up to names): "
+                                    f"{' and '.join(f'{f} fast' for f in same)} compile(s) to native {nat}'s program "
+                                    f"({ratios}){aa_text}")
+        sn = self.structure.get(f"native {nat}", (None, None))[phase]
+        sf = self.structure.get(f"{fac} fast", (None, None))[phase]
+        if sn is None or sf is None:
+            return "**unexplained**", f"{fac} fast {fmt_interval((med, lo, hi))}; no HLO comparison (--no-hlo){aa_text}"
+        if lo <= 1.0 and sorted(sn) == sorted(sf):
+            return "CI ∋ 1.00, same kernels", (f"interval includes 1.00 and same kernel structure: {fac} fast "
+                                               f"{fmt_interval((med, lo, hi))}; x-sized reads/writes per kernel "
+                                               f"{fmt_structure(sf)}{aa_text}")
+        return "**slower**", (f"slower: {fac} fast {fmt_interval((med, lo, hi))}; native {nat}: {fmt_structure(sn)}; "
+                              f"{fac} fast: {fmt_structure(sf)}{aa_text}")
+
+
+def fmt_interval(v: tuple[float, float, float]) -> str:
+    """``median [lo, hi]`` of a ratio."""
+    med, lo, hi = v
+    return f"{med:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def _in_mode(fn: Callable[[], Any], mode: str) -> Callable[[], Any]:
@@ -1107,6 +1243,7 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
     first: dict[str, tuple[Any, Any]] = {}
     big: dict[str, tuple[int, int]] = {}
     programs: dict[str, tuple[str, str]] = {}
+    structure: dict[str, tuple[Any, Any]] = {}
     for name in names:
         impl, mode = impls[name]
         fwd, bwd = _in_mode(impl.call_fwd, mode), _in_mode(impl.call_bwd, mode)
@@ -1120,6 +1257,7 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
             if all(t is not None for t in texts):
                 big[name] = (kernel_profile(texts[0])[1], kernel_profile(texts[1])[1])  # type: ignore[arg-type]
                 programs[name] = (canonical_hlo(texts[0]), canonical_hlo(texts[1]))  # type: ignore[arg-type]
+                structure[name] = (kernel_structure(texts[0]), kernel_structure(texts[1]))  # type: ignore[arg-type]
     notes: list[str] = []
     fast_vs_exact = {}
     for facade in facades:
@@ -1129,33 +1267,59 @@ def run_versus_case(layer: str, shape_name: str, *, facades: Sequence[str] = VER
     del first
     anchor = jax.jit(lambda v: v * 2.0)
     fns.append(lambda: anchor(x))
-    targets = [timing.target_fwd_s, timing.target_bwd_s] * len(names) + [timing.target_fwd_s]
-    reps = sized_reps(fns, targets, timing)
-    samples = interleaved(fns, reps, timing.rounds)
-    med = [statistics.median(v) * 1e3 for v in samples]
+    est = warm_up(fns, timing.warmup)
+    # The A/A control: per phase, a second entry of the native that is fastest in a short interleaved
+    # pre-run (3 calls each), the same compiled function called through the same callable; copy / original
+    # shows the machine's noise on this case.
+    natives = [n for n in names if n.startswith("native ")]
+    pre_fns = [fns[2 * names.index(n) + p] for p in (0, 1) for n in natives]
+    pre = [statistics.median(v) for v in interleaved(pre_fns, [3] * len(pre_fns), 0)]
+    aa_of = {p: natives[min(range(len(natives)), key=lambda i: pre[p * len(natives) + i])] for p in (0, 1)}
+    fns += [fns[2 * names.index(aa_of[0])], fns[2 * names.index(aa_of[1]) + 1]]
+    # One rep count per phase, so that every function of a phase is called once in the same rounds and
+    # sample i of each is from round i: the per-repetition ratios are paired.
+    sized = [min(timing.max_reps, max(timing.min_reps, round(tg / t)))
+             for tg, t in zip([timing.target_fwd_s, timing.target_bwd_s] * len(names) + [timing.target_fwd_s], est)]
+    reps_f, reps_b = max(sized[0::2]), max(sized[1::2])
+    reps = [reps_f, reps_b] * len(names) + [reps_f, reps_f, reps_b]
+    samples = [[t * 1e3 for t in v] for v in interleaved(fns, reps, timing.rounds)]
+    med = [statistics.median(v) for v in samples]
+    n = len(names)
     ms = {name: (med[2 * i], med[2 * i + 1]) for i, name in enumerate(names)}
-    return VersusResult(LAYERS[layer], shape_name, dtype_name, med[-1], ms, big, fast_vs_exact,
-                        min(len(v) for v in samples), notes, programs)
+    per_name = {name: (samples[2 * i], samples[2 * i + 1]) for i, name in enumerate(names)}
+    aa = {0: (aa_of[0].removeprefix("native "), samples[2 * n + 1]),
+          1: (aa_of[1].removeprefix("native "), samples[2 * n + 2])}
+    return VersusResult(LAYERS[layer], shape_name, dtype_name, med[2 * n], ms, big, fast_vs_exact,
+                        min(len(v) for v in samples), notes, programs, per_name, aa, structure)
 
 
 VERSUS_COLUMNS = (
-    "layer", "shape", "fwd: fastest native", "ms", "xA", "fast ms (facade)", "xA", "fast / fastest", "fast / exact",
-    "fast / linen", "fwd+bwd: fastest native", "ms", "xA", "fast ms (facade)", "xA", "fast / fastest",
-    "fast / exact", "fast / linen", "big kernels fastest→fast fwd / bwd", "max rel Δ fast vs exact",
+    "layer", "shape",
+    "fwd: fastest native", "ms", "xA", "fast ms (facade)", "xA", "fast / fastest [95% CI]", "A/A [95% CI]",
+    "verdict", "fast / exact", "fast / linen",
+    "fwd+bwd: fastest native", "ms", "xA", "fast ms (facade)", "xA", "fast / fastest [95% CI]", "A/A [95% CI]",
+    "verdict", "fast / exact", "fast / linen",
+    "big kernels fastest→fast fwd / bwd", "max rel Δ fast vs exact",
 )
+#: Per phase, the cells of :data:`VERSUS_COLUMNS` after ``layer, shape``.
+_PHASE_CELLS = 10
 
 
 def versus_cells(r: VersusResult) -> list[str]:
-    """One summary row: the fastest native and the fastest fast-mode facade, per phase."""
+    """One summary row: the fastest native and the fastest fast-mode facade, per phase, with the paired
+    ratio's median and 95 % interval, the A/A control's, and the verdict."""
     cells = [r.layer, r.shape]
     for phase in (0, 1):
         nat, nat_ms = r.fastest_native(phase)
         fac, fast_ms = r.best_fast(phase)
-        ratio = fast_ms / nat_ms
+        paired = r.paired(fac, phase)
         exact = r.ms[f"{fac} exact"][phase]
         linen = r.ms.get("native linen", (math.nan, math.nan))[phase]
+        aa = r.aa_interval(phase)
+        ratio = fmt_interval(paired)
         cells += [nat, f"{nat_ms:.2f}", f"{nat_ms / r.anchor_ms:.2f}", f"{fast_ms:.2f} ({fac})",
-                  f"{fast_ms / r.anchor_ms:.2f}", f"**{ratio:.2f}**" if ratio > 1.0 else f"{ratio:.2f}",
+                  f"{fast_ms / r.anchor_ms:.2f}", f"**{ratio}**" if paired[0] > 1.0 else ratio,
+                  "-" if aa is None else f"{fmt_interval(aa[1])} ({aa[0]})", r.verdict(phase)[0],
                   f"{fast_ms / exact:.2f}", f"{fast_ms / linen:.2f}"]
     nat0, nat1 = r.fastest_native(0)[0], r.fastest_native(1)[0]
     fac0, fac1 = r.best_fast(0)[0], r.best_fast(1)[0]
@@ -1170,16 +1334,32 @@ def versus_cells(r: VersusResult) -> list[str]:
 
 
 def versus_detail(r: VersusResult) -> list[str]:
-    """Every implementation of one case: ms, xA and, for fast mode, the ratio to the fastest native."""
+    """Every implementation of one case: ms, xA and the ratio to the fastest native (paired medians)."""
     lines = [f"#### {r.layer}, {r.shape} (anchor `x * 2.0`: {r.anchor_ms:.2f} ms, {r.reps}+ reps)", "",
              "| implementation | fwd ms | fwd xA | fwd+bwd ms | fwd+bwd xA | big kernels fwd / bwd | "
              "fwd / fastest native | fwd+bwd / fastest native |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+
+    def ratio(name: str, phase: int) -> str:
+        nat = f"native {r.fastest_native(phase)[0]}"
+        if not r.samples:
+            return f"{r.ms[name][phase] / r.ms[nat][phase]:.2f}"
+        return f"{median_interval(paired_ratios(r.samples[name][phase], r.samples[nat][phase]))[0]:.2f}"
+
     for name, (f, b) in r.ms.items():
         big = r.big.get(name)
         lines.append(f"| {name} | {f:.2f} | {f / r.anchor_ms:.2f} | {b:.2f} | {b / r.anchor_ms:.2f} | "
-                     f"{'-' if big is None else f'{big[0]} / {big[1]}'} | {f / r.fastest_native(0)[1]:.2f} | "
-                     f"{b / r.fastest_native(1)[1]:.2f} |")
+                     f"{'-' if big is None else f'{big[0]} / {big[1]}'} | {ratio(name, 0)} | {ratio(name, 1)} |")
     return [*lines, ""]
+
+
+def versus_count_line(results: Sequence[VersusResult]) -> str:
+    """How many phases are ≤ 1.00, and why the others are above."""
+    verdicts = [r.verdict(p)[0].strip("*") for r in results for p in (0, 1)]
+    above = [v for v in verdicts if v != "≤ 1.00"]
+    kinds = {k: above.count(k) for k in dict.fromkeys(above)}
+    why = "; ".join(f"{k}: {n}" for k, n in kinds.items())
+    return (f"{len(results)} cases, {len(verdicts)} phases; {len(verdicts) - len(above)} at a paired median ≤ 1.00, "
+            f"{len(above)} above" + (f" ({why})." if above else "."))
 
 
 def versus_markdown(results: Sequence[VersusResult], argv: Sequence[str], wall_s: float, quick: bool,
@@ -1190,35 +1370,34 @@ def versus_markdown(results: Sequence[VersusResult], argv: Sequence[str], wall_s
         *lines[:8],
         "- Per case every native framework (flax.linen `jax.jit(apply)`, flax.nnx `nnx.jit`, equinox",
         "  `eqx.filter_jit` + `vmap`, channels-first), each facade in exact mode and in fast mode",
-        "  (`normbridge.fast()`), and a jitted `x * 2.0` anchor are timed interleaved call by call in one",
-        "  run; ms = median. xA = time / anchor time (1.0 = one read + one write of x).",
-        "- fast / fastest = the fastest facade in fast mode / the fastest native framework (target <= 1.00,",
-        "  above in **bold**); fast / exact = that facade's fast / its own exact mode (= its native program);",
-        "  fast / linen = fast / native flax.linen. big kernels = compiled kernels streaming an x-sized array.",
+        "  (`normbridge.fast()`), a jitted `x * 2.0` anchor and an A/A control are timed interleaved call by",
+        "  call in one run, every function of a phase once per round; ms = median. xA = time / anchor time",
+        "  (1.0 = one read + one write of x).",
+        "- fast / fastest = paired per-repetition ratios (round i's fast-mode call / round i's call of the",
+        "  fastest native): their median and its distribution-free 95 % interval (order statistics); the",
+        "  facade shown is the one with the lowest median (target <= 1.00, above in **bold**). A/A = the same",
+        "  for a second entry of the fastest native's compiled function (fastest in a 3-call pre-run):",
+        "  the machine's noise on this case. fast / exact = that facade's fast / its exact mode (= its native",
+        "  program); fast / linen = fast / native flax.linen (ratios of medians). big kernels = compiled",
+        "  kernels streaming an x-sized array.",
+        "- verdict: ≤ 1.00; *same program* (a fast-mode facade compiles to the fastest native's optimized",
+        "  HLO, identical up to names: the difference is the machine); *CI ∋ 1.00, same kernels* (the",
+        "  interval includes 1.00 and both programs read/write x-sized arrays the same number of times in",
+        "  the same kernels); **slower** (explained below from the programs' kernels).",
         "- max rel Δ = largest |fast - exact| / max |exact| over output and gradients (first calls).",
         "",
         "| " + " | ".join(VERSUS_COLUMNS) + " |",
-        "|---|---|" + "---|---:|---:|---:|---:|---:|---:|---:|" * 2 + "---|---:|",
+        "|---|---|" + "---|---:|---:|---:|---:|---:|---:|---|---:|---:|" * 2 + "---|---:|",
     ]
     for r in results:
         lines.append("| " + " | ".join(versus_cells(r)) + " |")
-    over = [(r, p) for r in results for p in (0, 1) if r.best_fast(p)[1] > r.fastest_native(p)[1]]
-    lines += ["", f"{len(results)} cases; {len(over)} phase(s) where fast mode is slower than the fastest native."]
+    lines += ["", versus_count_line(results)]
+    over = [(r, p) for r in results for p in (0, 1) if r.verdict(p)[0] != "≤ 1.00"]
     if over:
         lines += ["", "### Fast mode above the fastest native", ""]
         for r, p in over:
-            nat, fac = r.fastest_native(p)[0], r.best_fast(p)[0]
-            phase = ("fwd", "fwd+bwd")[p]
-            b = r.big
-            progs = r.programs
-            if f"native {nat}" in progs and progs[f"native {nat}"][p] == progs.get(f"{fac} fast", ("", ""))[p]:
-                kern = (f"{fac} fast compiles to the identical program as native {nat} (HLO same): the "
-                        "difference is the machine, not the program")
-            elif f"native {nat}" in b and f"{fac} fast" in b:
-                kern = f"big kernels {b[f'native {nat}'][p]} (native {nat}) vs {b[f'{fac} fast'][p]} ({fac} fast)"
-            else:
-                kern = "no HLO comparison"
-            lines.append(f"- {r.layer} {r.shape} {phase}: {r.best_fast(p)[1] / r.fastest_native(p)[1]:.2f}; {kern}.")
+            lines.append(f"- {r.layer} {r.shape} {('fwd', 'fwd+bwd')[p]} (fastest native {r.fastest_native(p)[0]}): "
+                         f"{r.verdict(p)[1]}.")
     lines += ["", "### Every implementation", ""]
     for r in results:
         lines += versus_detail(r)
@@ -1233,15 +1412,17 @@ VERSUS_README_END = "<!-- fast-table:end -->"
 
 #: The README's compact fast-mode table (the full one stays in benchmarks/results_fast.md).
 VERSUS_SUMMARY_COLUMNS = (
-    "layer", "shape", "fwd: fast / fastest native", "fwd+bwd: fast / fastest native",
-    "fast / flax.linen (fwd, fwd+bwd)",
+    "layer", "shape", "fwd: fast / fastest native [95% CI]", "fwd verdict",
+    "fwd+bwd: fast / fastest native [95% CI]", "fwd+bwd verdict", "fast / flax.linen (fwd, fwd+bwd)",
 )
 
 
 def versus_summary_row(row: str) -> str:
     """One compact README row from one row of the full ``VERSUS_COLUMNS`` table."""
     c = [cell.strip() for cell in row.strip().strip("|").split("|")]
-    return f"| {c[0]} | {c[1]} | {c[7]} ({c[2]}) | {c[15]} ({c[10]}) | {c[9]}, {c[17]} |"
+    f, b = 2, 2 + _PHASE_CELLS
+    return (f"| {c[0]} | {c[1]} | {c[f + 5]} ({c[f]}) | {c[f + 7]} | {c[b + 5]} ({c[b]}) | {c[b + 7]} | "
+            f"{c[f + 9]}, {c[b + 9]} |")
 
 
 def versus_readme_block(markdown: str) -> str:
@@ -1252,7 +1433,7 @@ def versus_readme_block(markdown: str) -> str:
     end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
     count = lines[end + 1] if end + 1 < len(lines) else ""
     date = next((ln for ln in lines if ln.startswith("- Date:")), "")
-    table = ["| " + " | ".join(VERSUS_SUMMARY_COLUMNS) + " |", "|---|---|---:|---:|---:|"]
+    table = ["| " + " | ".join(VERSUS_SUMMARY_COLUMNS) + " |", "|---|---|---:|---|---:|---|---:|"]
     table += [versus_summary_row(ln) for ln in lines[start + 2 : end]]
     return "\n".join([date, "", *table, "", count]).strip() + "\n"
 
@@ -1282,11 +1463,14 @@ def run_versus(layers: Sequence[str] | None, shapes: Sequence[str], facades: Seq
                 log(f"FAIL {name}: {type(err).__name__}: {err}")
                 continue
             results.append(r)
-            nat0, fac0 = r.fastest_native(0), r.best_fast(0)
-            nat1, fac1 = r.fastest_native(1), r.best_fast(1)
-            log(f"{name}: fwd fast {fac0[1]:.2f} ms ({fac0[0]}) / fastest native {nat0[1]:.2f} ms ({nat0[0]}) = "
-                f"{fac0[1] / nat0[1]:.2f}; fwd+bwd {fac1[1]:.2f} ({fac1[0]}) / {nat1[1]:.2f} ({nat1[0]}) = "
-                f"{fac1[1] / nat1[1]:.2f}; anchor {r.anchor_ms:.2f} ms [{time.perf_counter() - t0:.1f} s]")
+            parts = []
+            for p in (0, 1):
+                nat, fac = r.fastest_native(p), r.best_fast(p)
+                aa = r.aa_interval(p)
+                parts.append(f"{('fwd', 'fwd+bwd')[p]} fast {fac[1]:.2f} ms ({fac[0]}) / fastest native {nat[1]:.2f} "
+                             f"ms ({nat[0]}) = {fmt_interval(r.paired(fac[0], p))}, A/A "
+                             f"{'-' if aa is None else fmt_interval(aa[1])}: {r.verdict(p)[1] or r.verdict(p)[0]}")
+            log(f"{name}: " + "; ".join(parts) + f"; anchor {r.anchor_ms:.2f} ms [{time.perf_counter() - t0:.1f} s]")
     return results, skipped
 
 

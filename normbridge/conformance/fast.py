@@ -52,12 +52,14 @@ CONDITIONING: dict[str, tuple[float, float]] = {
     "tiny_var": (0.0, 3e-3),
 }
 
-#: Slack of "no further from float64 than exact": fast_err <= NO_WORSE_FACTOR * exact_err + NO_WORSE_FLOOR
-#: (relative errors). The factor covers a different but equally accurate rounding of an already
-#: inaccurate result (two summation orders of the same ill-conditioned formula); the floor, float32's
-#: own rounding of a well-conditioned result.
-NO_WORSE_FACTOR = 1.5
-NO_WORSE_FLOOR = 2e-6
+#: Slack of "no further from float64 than exact", in units of the case dtype's machine epsilon (one ulp
+#: of the largest value, to which every error here is relative): ``fast_err <= exact_err + NO_WORSE_ULPS
+#: * eps``. Fast mode computes the same formula as native (flax's one-pass E[x²] − E[x]², or two-pass)
+#: and only sums in a different order, so its result may round differently by an ulp, no more: measured
+#: on hypothesis draws of every layer of every facade (well, large mean, tiny variance, groups of two;
+#: float32 and bfloat16), ``fast_err − exact_err`` is at most 0 (the two-level channels-last sums round
+#: better; every other layer is bitwise exact mode).
+NO_WORSE_ULPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +122,15 @@ class FastMeasure:
         """Fast within ``rel_tol`` (default: the dtype's :data:`REL_TOL`) of exact, same structure."""
         return self.vs_exact.within(REL_TOL[self.case.dtype] if rel_tol is None else rel_tol)
 
+    @property
+    def excess_ulps(self) -> float:
+        """``(fast_err − exact_err) / eps`` of the case dtype: how much further from float64 fast is than
+        exact (the native library), in ulps of the largest value; ≤ 0 where fast is at least as accurate."""
+        return (self.fast_err64 - self.exact_err64) / float(jnp.finfo(self.case.dtype).eps)
+
     def no_worse(self) -> bool:
-        """Fast no further from float64 than exact (the native library), up to rounding slack."""
-        floor = max(NO_WORSE_FLOOR, REL_TOL[self.case.dtype])
-        return self.fast_err64 <= NO_WORSE_FACTOR * self.exact_err64 + floor
+        """Fast no further from float64 than exact (the native library), up to :data:`NO_WORSE_ULPS` ulps."""
+        return self.excess_ulps <= NO_WORSE_ULPS
 
 
 def _input(case: FastCase, dtype: Any) -> jax.Array:
@@ -318,9 +325,11 @@ def measure(case: FastCase) -> FastMeasure:
         x64 = x.astype(jnp.float32).astype(jnp.float64)
         apply64, _, state64 = build(case, x64)
         # SpectralNorm: the same power-iteration vectors as the float32 run (drawn at init, and a
-        # float64 draw differs); every other state is its deterministic float64 init.
-        if case.layer == "SpectralNorm":
-            state64 = _to(state, jnp.float64)
+        # float64 draw differs); every other state is its deterministic init. The state is converted
+        # to float64 too: the frameworks initialize it in param_dtype (float32), and a float32 running
+        # statistic updated with a float64 one would round the reference (nnx: a float64 -> float32
+        # scatter into the Variable, which jax warns about).
+        state64 = _to(state if case.layer == "SpectralNorm" else state64, jnp.float64)
         ref = _outputs(apply64, _to(params, jnp.float64), state64, x64, cot.astype(jnp.float64))
         ref = jax.tree_util.tree_map(np.asarray, ref)
     return FastMeasure(case, tree_diff(exact, fast_out), _err64(exact, ref), _err64(fast_out, ref))
@@ -355,7 +364,9 @@ def cell(facade: str, layer: str) -> Cell | None:
     dev = "bitwise = exact" if bitwise else f"vs exact {max(r.deviation for r in well):.1e}"
     err_exact = max(r.exact_err64 for r in results)
     err_fast = max(r.fast_err64 for r in results)
-    return Cell(ok, f"{dev}; vs float64 exact {err_exact:.1e} / fast {err_fast:.1e} ({len(results)} cases)")
+    excess = max(r.excess_ulps for r in results)
+    return Cell(ok, f"{dev}; vs float64 exact {err_exact:.1e} / fast {err_fast:.1e}, fast − exact at most "
+                    f"{excess:+.1f} ulp (≤ {NO_WORSE_ULPS}) ({len(results)} cases)")
 
 
 def column(facade: str, layer: str) -> str:

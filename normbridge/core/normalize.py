@@ -12,6 +12,15 @@ but round differently, so each facade names the order its framework uses:
 ``mean``, ``var``, ``scale`` and ``bias`` must already broadcast against ``x``.
 No dtype conversion happens here: callers choose the result dtype
 (:func:`normbridge.core.dtypes.result_dtype` or the input dtype).
+
+**Fast mode** (``normbridge.fast()``): a group normalization that passes ``groups`` (its statistics
+repeated over each block of ``C/G`` contiguous channels of the last axis, as flax does) is normalized
+in the grouped layout ``(..., G, C/G)``: the same elementwise operations in the same order, so the
+values are bitwise the exact ones, but XLA:CPU fuses the pass over ``x`` without broadcasting the
+repeated statistics back through an ``(..., C)`` reshape (flax GroupNorm on ``(8192, 1024)``: one fused
+kernel either way, 175 → 47 ms). The repeat is undone by a slice XLA folds away, and the group value is
+broadcast again over the channels *within* the grouped layout, so that the backward pass, too, runs per
+channel and sums over each block as exact mode does: outputs and gradients bitwise exact mode's.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from normbridge.core.config import use_fast
 
 Order = Literal["flax", "rsqrt_then_affine", "divide_sqrt"]
 
@@ -34,8 +45,34 @@ def normalize(
     bias: jax.Array | None = None,
     *,
     order: Order = "flax",
+    groups: int | None = None,
 ) -> jax.Array:
-    """Normalize ``x`` with the given statistics, then scale and shift."""
+    """Normalize ``x`` with the given statistics, then scale and shift.
+
+    ``groups``: ``mean`` and ``var`` are group statistics repeated over ``groups`` blocks of contiguous
+    channels of the last axis (group normalization); fast mode then normalizes in the grouped layout.
+    Exact mode ignores it.
+    """
+    if groups is not None and use_fast() and _groupable(x, groups, mean, var, scale, bias):
+        # The one place fast mode selects a normalize formulation: the same ops on (..., G, C/G).
+        xs = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+        def split(a: jax.Array | None, *, stat: bool = False) -> jax.Array | None:
+            if a is None or a.ndim == 0:
+                return a
+            if a.shape[-1] == 1:
+                return jnp.expand_dims(a, -1)
+            g = a.reshape(*a.shape[:-1], groups, a.shape[-1] // groups)
+            if not stat:
+                return g
+            # One value per group, broadcast again over the group's channels inside the grouped layout:
+            # the elementwise ops (and their transposes in the backward pass) then run per channel as
+            # in exact mode, so outputs and gradients are bitwise exact mode's.
+            return jnp.broadcast_to(g[..., :1], g.shape)
+
+        y = normalize(xs, split(mean, stat=True), split(var, stat=True), epsilon, split(scale), split(bias),
+                      order=order)
+        return y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
     if order == "flax":
         y = x if mean is None else x - mean
         mul = lax.rsqrt(var + epsilon)
@@ -58,6 +95,14 @@ def normalize(
             out = out + bias
         return out
     raise ValueError(f"normalize: unknown order {order!r}; expected 'flax', 'rsqrt_then_affine' or 'divide_sqrt'")
+
+
+def _groupable(x: jax.Array, groups: int, *arrays: jax.Array | None) -> bool:
+    """Whether every operand splits into ``groups`` blocks of its last axis (or broadcasts along it)."""
+    c = x.shape[-1] if x.ndim else 0
+    if x.ndim == 0 or groups <= 0 or c % groups or c == groups:
+        return False
+    return all(a is None or a.ndim == 0 or a.shape[-1] in (1, c) for a in arrays)
 
 
 def affine(y: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:

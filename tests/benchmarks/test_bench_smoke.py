@@ -190,7 +190,15 @@ def test_versus_quick_case(bench: ModuleType) -> None:
     readme = f"a\n{bench.VERSUS_README_START}\nold\n{bench.VERSUS_README_END}\nb\n"
     spliced = bench.splice_versus_readme(readme, md)
     summary = bench.versus_summary_row(row)
-    assert summary.startswith("| GroupNorm(32) | tfm_f32 | ") and summary.count("|") == 6
+    assert summary.startswith("| GroupNorm(32) | tfm_f32 | ")
+    assert summary.count("|") == len(bench.VERSUS_SUMMARY_COLUMNS) + 1
+    # every phase was timed in the same rounds (paired), A/A control included
+    for phase in (0, 1):
+        lengths = {len(v[phase]) for v in r.samples.values()} | {len(r.aa[phase][1])}
+        assert len(lengths) == 1, lengths
+        med, lo, hi = r.paired(r.best_fast(phase)[0], phase)
+        assert lo <= med <= hi
+        assert r.aa[phase][0] in ("linen", "nnx", "equinox")
     assert summary in spliced and row not in spliced and "old" not in spliced
     assert spliced.endswith(f"{bench.VERSUS_README_END}\nb\n")
 
@@ -209,3 +217,56 @@ def test_weightnorm_like_for_like_case_trains_the_gains_on_both_sides(bench: Mod
     assert same.notes == [] and same.max_rel_diff <= 1e-6, same
     with pytest.raises(bench.Unsupported, match="nnx-only"):
         bench.run_case("linen", "weightnorm_trained", "dense_f32", quick=True, hlo=False)
+
+
+def test_median_interval_is_the_order_statistic_interval(bench: ModuleType) -> None:
+    # n = 16: P(B(16, 1/2) <= 3) = 697/65536 = 0.0106 <= 0.025 < P(B <= 4) = 0.038, so [v_(4), v_(13)]
+    assert bench.median_interval([float(v) for v in range(16, 0, -1)]) == (8.5, 4.0, 13.0)
+    # n = 100: the textbook interval [v_(40), v_(61)]
+    assert bench.median_interval(list(range(1, 101))) == (50.5, 40, 61)
+    # too few values for 95 %: the whole range
+    assert bench.median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert bench.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    with pytest.raises(ValueError, match="same rounds"):
+        bench.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_kernel_structure_counts_x_sized_reads_and_writes(bench: ModuleType) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((256, 64))
+    one = bench.compiled_text(jax.jit(lambda x: x * 2.0), (x,))
+    # mean over rows then x - mean: XLA:CPU reads x in the reduction and again in the subtraction
+    two = bench.compiled_text(jax.jit(lambda x: (x - x.mean(0), x * 3.0)), (x,))
+    s1, s2 = bench.kernel_structure(one), bench.kernel_structure(two)
+    assert [(r, w) for _, r, w in s1] == [(1, 1)]
+    assert sum(r for _, r, _ in s2) >= 2 and sum(w for _, _, w in s2) == 2
+    assert bench.fmt_structure(s1).endswith("(2 x-passes)")
+
+
+def _versus(bench: ModuleType, fast: list[float], native: list[float], *, same: bool, aa: list[float] | None = None):
+    prog = ("P", "Q")
+    s = (("fusion", 1, 1),)
+    return bench.VersusResult(
+        "LayerNorm", "tfm_f32", "float32", 1.0,
+        {"native linen": (1.0, 1.0), "linen exact": (1.0, 1.0), "linen fast": (1.0, 1.0)}, {}, {}, len(fast),
+        programs={"native linen": prog, "linen exact": prog, "linen fast": prog if same else ("R", "S")},
+        samples={"native linen": (native, native), "linen exact": (native, native), "linen fast": (fast, fast)},
+        aa={0: ("linen", aa or native), 1: ("linen", aa or native)},
+        structure={"native linen": (s, s), "linen exact": (s, s), "linen fast": (s, s)},
+    )
+
+
+def test_versus_verdicts(bench: ModuleType) -> None:
+    native = [1.0] * 16
+    below = _versus(bench, [0.9] * 16, native, same=False)
+    assert below.verdict(0)[0] == "≤ 1.00" and below.paired("linen", 0) == (0.9, 0.9, 0.9)
+    same = _versus(bench, [1.1] * 16, native, same=True, aa=[1.05] * 16)
+    assert same.verdict(0)[0] == "same program" and "A/A control (native linen twice) 1.05" in same.verdict(0)[1]
+    # a noisy different program whose interval reaches below 1.00, with the same kernels
+    noisy = _versus(bench, [0.95, 1.2] * 8, native, same=False)
+    assert noisy.verdict(1)[0] == "CI ∋ 1.00, same kernels" and "fusion 1R/1W" in noisy.verdict(1)[1]
+    slower = _versus(bench, [1.2] * 16, native, same=False)
+    assert slower.verdict(0)[0] == "**slower**"
+    assert bench.versus_count_line([below, same, slower]).startswith("3 cases, 6 phases; 2 at a paired median")

@@ -63,8 +63,10 @@ def _normalize(
     bias_init: Initializer,
     scale_init: Initializer,
     force_float32_reductions: bool = True,
+    groups: int | None = None,
 ) -> Array:
-    """Create ``scale``/``bias`` in ``mdl`` (linen's names, shapes and order) and apply :func:`core.normalize`.
+    """Create ``scale``/``bias`` in ``mdl`` (linen's names, shapes and order) and apply :func:`core.normalize`
+    (``groups``: GroupNorm's repeated group statistics, see there).
 
     ``mean``/``var`` have the reduced shape; they are re-expanded over ``reduction_axes``.
     The result dtype is :func:`core.result_dtype` of the input and the parameters.
@@ -85,7 +87,7 @@ def _normalize(
         if not force_float32_reductions:
             bias = jnp.asarray(bias, param_dtype)
         args.append(bias)
-    y = core.normalize(x, mean, var, epsilon, scale, bias, order="flax")
+    y = core.normalize(x, mean, var, epsilon, scale, bias, order="flax", groups=groups)
     return jnp.asarray(y, core.result_dtype(*args, dtype=dtype))
 
 
@@ -333,6 +335,7 @@ class GroupNorm(nn.Module):
             self.bias_init,
             self.scale_init,
             self.force_float32_reductions,
+            groups=num_groups,
         )
 
 

@@ -53,8 +53,10 @@ def normalize_flax(
     feature_axes: Any,
     dtype: Any,
     epsilon: float,
+    groups: int | None = None,
 ) -> jax.Array:
-    """:func:`core.normalize` (flax order) on nnx's 1-D parameters and reduced statistics.
+    """:func:`core.normalize` (flax order) on nnx's 1-D parameters and reduced statistics
+    (``groups``: GroupNorm's repeated group statistics, see :func:`core.normalize`).
 
     ``mean``/``var`` are reshaped to ``x.shape`` with the reduction axes set to 1, the
     ``(num_features,)`` parameters to the feature-axes broadcast shape (that reshape is
@@ -74,7 +76,7 @@ def normalize_flax(
     if bias is not None:
         bias = bias.reshape(list(bshape))
         args.append(bias)
-    y = core.normalize(x, mean, var, epsilon, scale, bias, order="flax")
+    y = core.normalize(x, mean, var, epsilon, scale, bias, order="flax", groups=groups)
     return jnp.asarray(y, core.result_dtype(*args, dtype=dtype))
 
 

@@ -374,7 +374,8 @@ class GroupNorm(nnx.Module):
         mean = jnp.repeat(mean, self.group_size, axis=-1)
         var = jnp.repeat(var, self.group_size, axis=-1)
         return normalize_flax(
-            x, mean, var, scale, bias, reduction_axes[:-1], (self.feature_axis,), self.dtype, self.epsilon
+            x, mean, var, scale, bias, reduction_axes[:-1], (self.feature_axis,), self.dtype, self.epsilon,
+            groups=self.num_groups,
         )
 
 

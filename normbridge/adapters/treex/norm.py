@@ -237,5 +237,5 @@ class GroupNorm(Module):
         mean = jnp.repeat(mean, group_size, axis=-1).reshape(stats_shape)
         var = jnp.repeat(var, group_size, axis=-1).reshape(stats_shape)
         scale, bias = _affine(self, bshape)
-        y = core.normalize(x, mean, var, self.epsilon, scale, bias)
+        y = core.normalize(x, mean, var, self.epsilon, scale, bias, groups=num_groups)
         return jnp.asarray(y, self.dtype)
