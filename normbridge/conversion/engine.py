@@ -368,6 +368,9 @@ def _typed_bare(
             )
             typed[s] = Layer(s, like.kind, "variables")
             continue
+        if isinstance(layer.record, NormRecord) and isinstance(like.record, NormRecord):
+            known = {f: getattr(like.record, f) for f in _HYPER if getattr(layer.record, f) is None}
+            layer.record = layer.record.replace(**known)  # variables record none: like's are taken
         typed[s] = layer
         if tgt.spoke.family == src.spoke.family:  # the same arrays on both sides (else the bridge decides)
             found = _layout_mismatch(layer, like)
@@ -449,7 +452,9 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
     if src.cannot_run is not None:
         pairs = _typed_bare(src, tgt, pairs, skip_s, problems)
         used_s = {s for s, _, _ in pairs} | skip_s
-        notes.append("hyper-parameters (epsilon, momentum, axes, ...) are like's: variables without a module have none")
+        notes.append(
+            "hyper-parameters (epsilon, momentum, groups, ...) are like's: variables without a module have none"
+        )
     for counts in (collections.Counter(s for s, _, _ in pairs), collections.Counter(t for _, t, _ in pairs)):
         for p, n in counts.items():
             if n > 1:
