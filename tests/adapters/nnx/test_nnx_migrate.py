@@ -14,7 +14,6 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx, serialization
 
-import normbridge
 import normbridge.adapters.nnx as F
 from normbridge.conformance import conversion_models as M
 from normbridge.conformance.measure import diff
@@ -287,39 +286,33 @@ def test_without_module_is_deprecated_and_never_pairs_by_order(linen_run) -> Non
     assert np.array_equal(np.asarray(model(X)), np.asarray(eval_before))
 
 
-#: The issue's ResNet: linen lists the stem conv_init/bn_init after ResNetBlock_*, and every BatchNorm
-#: has the same shape (NnxBlock even defines bn2 before bn1).
+#: The issue's ResNet (normbridge.conformance.conversion_models): linen lists the stem conv_init/bn_init
+#: after ResNetBlock_*, every BatchNorm has the same shape, and NnxBlock defines bn2 before bn1.
 RESNET_BLOCKS = {
-    r"re:ResNetBlock_(\d+)/Conv_0": r"blocks/\1/conv1",
-    r"re:ResNetBlock_(\d+)/BatchNorm_0": r"blocks/\1/bn1",
-    r"re:ResNetBlock_(\d+)/Conv_1": r"blocks/\1/conv2",
-    r"re:ResNetBlock_(\d+)/BatchNorm_1": r"blocks/\1/bn2",
-    "Dense_0": "head",
-}
+    f"blocks/{i}/{ours}": f"ResNetBlock_{i}/{linen}"
+    for i in range(2)
+    for ours, linen in (("conv1", "Conv_0"), ("bn1", "BatchNorm_0"), ("conv2", "Conv_1"), ("bn2", "BatchNorm_1"))
+} | {"head": "Dense_0"}
 
 
 def test_resnet_stem_sorted_after_the_blocks_never_loads_wrong_weights() -> None:
     """Without mapping, or with only ``conv_init`` mapped (accepted before, eval logits off by 45 %), the
     checkpoint alone is refused, naming every unpaired layer; the stem pairs by name, and with the blocks
-    mapped (one pattern per layer) the NNX model's eval logits equal linen's bitwise."""
+    mapped the NNX model's eval logits equal linen's bitwise."""
     module, variables = M.build("resnet", "linen")
     x = M.probe("resnet", "nnx")
     want = M.outputs("linen", (module, variables), x)
+    model = M.build("resnet", "nnx", seed=5)
+    before, before_out = _state(model), M.outputs("nnx", model, x)
     for mapping in ({}, {"conv_init": "conv_init"}):
-        model = M.build("resnet", "nnx", seed=5)
-        before = _state(model)
-        with pytest.raises(normbridge.ConversionError) as err:
-            normbridge.convert(variables, model, mapping=mapping, verify=False)
-        assert "source 'ResNetBlock_0/BatchNorm_0'" in str(err.value) and "like 'blocks/1/bn2'" in str(err.value)
-        assert "refused (18 problems)" in str(err.value)  # 8 block layers + the Dense head, on both sides
-        assert err.value.mapping == {"conv_init": "conv_init", "bn_init": "bn_init"}
+        with pytest.warns(DeprecationWarning), pytest.raises(F.MigrationError) as err:
+            F.migrate_linen_checkpoint(variables, model, mapping=mapping)
+        msg = str(err.value)
+        assert "source 'ResNetBlock_0/BatchNorm_0'" in msg and "like 'blocks/1/bn2'" in msg, msg
+        assert "refused (18 problems)" in msg  # 8 block layers + the Dense head, on both sides
+        assert err.value.__cause__.mapping == {"conv_init": "conv_init", "bn_init": "bn_init"}
         assert _unchanged(before, model)
-    target, report = normbridge.convert(variables, model, mapping=RESNET_BLOCKS, verify=False)
-    assert np.array_equal(M.outputs("nnx", target, x), want)
-    assert {(p.source, p.how) for p in report.pairs if p.target in ("conv_init", "bn_init")} == {
-        ("conv_init", "name"),
-        ("bn_init", "name"),
-    }
-    assert "unverified: the source is variables without a module (pass (module, variables) to verify)" in str(report)
-    with pytest.raises(normbridge.ConversionError, match=r"pass \(module, variables\) to verify, or verify=False"):
-        normbridge.convert(variables, model, mapping=RESNET_BLOCKS)  # verify=True cannot pass silently
+    with pytest.warns(DeprecationWarning):
+        F.migrate_linen_checkpoint(variables, model, mapping=RESNET_BLOCKS)
+    assert np.array_equal(M.outputs("nnx", model, x), want)
+    assert not np.array_equal(before_out, want)  # the weights did move
