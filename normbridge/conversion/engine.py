@@ -408,6 +408,28 @@ def _typed_bare(
     return good
 
 
+def _variables_alone(source: Any) -> bool:
+    """``source`` is linen variables without their module (see :func:`convert`)."""
+    return isinstance(source, Mapping) and framework_of(source) == "linen"
+
+
+def _refuse_unverifiable(
+    source: Any, like: Any, mapping: Any, probe: Any, call: Any, on_mismatch: str, verify: Any
+) -> None:
+    """Variables without their module cannot run, so ``verify`` cannot pass: refuse, as a missing probe is,
+    with the fix first and every pairing problem after it (before any probe or verification code runs)."""
+    plan = _plan(source, like, mapping, probe, call, on_mismatch)
+    raise ConversionError(
+        f"normbridge.convert ({plan.src.framework} -> {plan.tgt.framework}) refused",
+        problems=[
+            f"verify={verify!r} runs both models, but {NO_MODULE}: pass (module, variables) to verify, or "
+            "verify=False for an unverified conversion",
+            *plan.problems,
+        ],
+        mapping=plan.suggestion,
+    )
+
+
 def _layout_mismatch(a: Layer, b: Layer) -> list[str]:
     """The arrays one side of a pair has and the other has not, and those whose dtypes differ (the
     records' names; shapes are :func:`_check_pair`'s)."""
@@ -732,16 +754,13 @@ def convert(
     Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
     mismatched layers; a refused verification with the measured difference).
     """
+    if verify in (True, "train") and _variables_alone(source):
+        _refuse_unverifiable(source, like, mapping, probe, call, on_mismatch, verify)
     if verify not in (True, False, "train"):
         raise ValueError(f"verify must be True, False or 'train', got {verify!r}")
     plan = _plan(source, like, mapping, probe, call, on_mismatch)
     src, tgt = plan.src, plan.tgt
-    if verify and src.cannot_run is not None:
-        plan.problems.append(
-            f"verify={verify!r} runs both models, but {src.cannot_run}: pass (module, variables) to verify, "
-            "or verify=False for an unverified conversion"
-        )
-    elif verify and (src.probe is None or tgt.probe is None):
+    if verify and (src.probe is None or tgt.probe is None):
         plan.problems.append("verify=True needs an input: pass probe= (or verify=False for an unverified conversion)")
     if plan.problems:
         raise ConversionError(
