@@ -734,7 +734,9 @@ def convert(
     """Convert a whole model to another framework (or to/from the facades): ``(target, report)``.
 
     ``source`` / ``like``: linen ``(module, variables)``, an NNX module, Equinox ``(model, state)``
-    (or a stateless model), a :mod:`normbridge.adapters.treex` module; native layers or facades.
+    (or a stateless model), a :mod:`normbridge.adapters.treex` module; native layers or facades. A
+    ``source`` may also be linen variables alone (no module; see the module docstring): paired by
+    ``mapping`` and names only, and it cannot be verified (``verify=False``).
     ``like`` gives the target's architecture and layer classes (its values are replaced; abstract
     ``eval_shape`` values are fine); the target has ``like``'s structure, and nothing passed in is
     mutated. ``mapping``: ``{source path: target path}`` pairs that take precedence (``None`` skips
