@@ -21,6 +21,9 @@ from normbridge.core import KIND_OF_CLASS, NormRecord
 WRAPPER_KINDS = ("spectral_norm", "weight_norm")
 NORM_KINDS = tuple(KIND_OF_CLASS.values())
 PLAIN_KINDS = ("dense", "dense_general", "conv", "conv_transpose", "embed", "attention", "param")
+#: The kind of a layer of linen variables given without their module: known once paired (the paired
+#: ``like`` layer's kind), then read in that kind's linen layout.
+UNTYPED = "untyped"
 #: Frameworks whose layers keep flax's array layouts and operation order.
 FLAX_FAMILY = ("linen", "nnx", "treex")
 
@@ -30,9 +33,9 @@ class Layer:
     """One layer holding arrays, as a spoke lists it.
 
     ``path``: the user's path in that framework, ``/``-joined (linen scope path, NNX/Equinox/treex
-    attribute path with list indices). ``kind``: a :data:`NORM_KINDS` / :data:`PLAIN_KINDS` entry or
-    ``"unknown"``. ``record``: canonical record (``None`` for unknown kinds). ``shapes``: the canonical
-    arrays' shapes (what pairing checks). ``inner``: the wrapped layer of a SpectralNorm/WeightNorm.
+    attribute path with list indices). ``kind``: a :data:`NORM_KINDS` / :data:`PLAIN_KINDS` entry,
+    ``"unknown"`` or :data:`UNTYPED`. ``record``: canonical record (``None`` for unknown kinds). ``shapes``:
+    the canonical arrays' shapes (what pairing checks). ``inner``: the wrapped layer of a SpectralNorm/WeightNorm.
     ``module``/``meta``: what the spoke needs to write the layer back.
     """
 

@@ -10,6 +10,10 @@ Pairing, in this order, each pair checked before it is accepted:
 3. execution order: both models run once abstractly on the probe; the k-th call of each kind in the
    source is paired with the k-th in the target.
 
+A source that is linen variables without their module (a checkpoint with no architecture) cannot
+run: it is paired by 1 and 2 only, each of its layers read in the layout of the kind of the ``like``
+layer it pairs with, and it cannot be verified (``verify=False``; the report says why).
+
 RNG state (treex ``Rng`` leaves of a ``KeySeq``/``Dropout``, NNX ``RngState``, typed PRNG keys) is stateless
 for pairing, like Dropout and activations: it is never paired nor converted (the target keeps ``like``'s
 own) and is listed in the report's ``skipped_state``.
@@ -34,11 +38,13 @@ import numpy as np
 from normbridge.conversion.base import (
     FLAX_FAMILY,
     NORM_KINDS,
+    UNTYPED,
     WRAPPER_KINDS,
     Call,
     Layer,
     Spoke,
     normalized_name,
+    record_dtypes,
     record_shapes,
 )
 from normbridge.conversion.report import ConversionReport, Pair, Verification
@@ -72,9 +78,12 @@ def framework_of(obj: Any) -> str:
             return "nnx"
         if mod.startswith("equinox"):
             return "equinox"
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Mapping) for v in obj.values()):
+        return "linen"  # linen variables without their module: {'params': ..., 'batch_stats': ...}
     raise ConversionError(
         f"{type(model).__name__} is not a model of a supported framework: pass linen (module, variables), an NNX "
-        "module, Equinox (model, state) or a normbridge.adapters.treex module"
+        "module, Equinox (model, state) or a normbridge.adapters.treex module (or, as the source only, linen "
+        "variables {'params': ..., 'batch_stats': ...})"
     )
 
 
@@ -117,6 +126,8 @@ class _Side:
     calls: list[Call] | None
     stateless: list[str]
     rng_state: list[str]
+    #: Why this side cannot run (linen variables without their module), else ``None``.
+    cannot_run: str | None = None
 
     @property
     def order(self) -> dict[str, int]:
@@ -139,8 +150,17 @@ def _materialized(obj: Any) -> Any:
     return jax.tree_util.tree_map(zeros, obj, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
+#: Why a source of linen variables without their module cannot run (and so cannot be verified).
+NO_MODULE = "the source is variables without a module"
+
+
 def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: list[str]) -> _Side:
     fw = framework_of(obj)
+    bare = fw == "linen" and isinstance(obj, Mapping)
+    if bare and label == "like":
+        raise ConversionError(
+            "like gives the target's architecture: pass linen (module, variables), not variables alone"
+        )
     if fw in ("linen", "equinox"):  # NNX abstract models are handled by nnx itself
         obj = _materialized(obj)
     spoke = spoke_for(fw)
@@ -166,7 +186,7 @@ def _side(label: str, obj: Any, probe: Any, call: Callable | None, problems: lis
             f"{label} ({fw}): the probe run recorded no layer calls (does the call hook copy the model?); "
             "pairing by execution order is impossible"
         )
-    return _Side(label, fw, spoke, obj, probe, call, layers, calls, stateless, rng_state)
+    return _Side(label, fw, spoke, obj, probe, call, layers, calls, stateless, rng_state, NO_MODULE if bare else None)
 
 
 # --------------------------------------------------------------------------- pairing
@@ -219,7 +239,8 @@ def _name_pairs(src: _Side, tgt: _Side, free_s: list[str], free_t: list[str]) ->
     out = []
     for name in sorted(set(ns) & set(nt)):
         s, t = ns[name], nt[name]
-        if src.layers[s].kind == tgt.layers[t].kind and src.layers[s].kind != "unknown":
+        kind = tgt.layers[t].kind if src.layers[s].kind == UNTYPED else src.layers[s].kind
+        if kind == tgt.layers[t].kind and kind != "unknown":
             out.append((s, t, "name"))
     return out
 
@@ -279,7 +300,8 @@ def _check_pair(src: _Side, tgt: _Side, s: str, t: str) -> list[str]:
                     problems.append(f"{where}: wrapped layers differ ({a.inner.kind} vs {b.inner.kind})")
                 elif record_shapes(a.inner.record) != record_shapes(b.inner.record):
                     problems.append(
-                        f"{where}: wrapped layer shapes differ: {record_shapes(a.inner.record)} vs "
+                        f"{where}: wrapped layer {a.inner.path!r} -> {b.inner.path!r} shapes differ: "
+                        f"{record_shapes(a.inner.record)} vs "
                         f"{record_shapes(b.inner.record)}"
                     )
     elif a.kind == "unknown":
@@ -322,6 +344,103 @@ def _hyper_diffs(a: Layer, b: Layer) -> list[tuple[str, Any, Any, bool]]:
     return out
 
 
+def _typed_bare(
+    src: _Side, tgt: _Side, pairs: list[tuple[str, str, str]], skipped: set[str], problems: list[str]
+) -> list[tuple[str, str, str]]:
+    """Linen variables without their module: read each paired scope in the layout of its ``like`` layer's
+    kind, and list what does not fit or is left over. ``src.layers`` becomes the typed layers."""
+    variables = src.obj
+    typed: dict[str, Layer] = {}
+    good: list[tuple[str, str, str]] = []
+    no_stats: list[str] = []
+    has_stats = bool(variables.get("batch_stats"))
+    for s, t, how in pairs:
+        like = tgt.layers[t]
+        if like.kind in ("batch_norm", "spectral_norm") and not has_stats:
+            no_stats.append(t)
+            typed[s] = Layer(s, like.kind, "variables")  # read (its params) but not paired
+            continue
+        try:
+            layer = src.spoke.typed(variables, src.layers[s], like)
+        except (ValueError, TypeError) as err:
+            problems.append(
+                f"source {s!r} (variables) -> like {t!r} ({tgt.framework} {like.cls}): {err} [paired by {how}]"
+            )
+            typed[s] = Layer(s, like.kind, "variables")
+            continue
+        if isinstance(layer.record, NormRecord) and isinstance(like.record, NormRecord):
+            known = {f: getattr(like.record, f) for f in _HYPER if getattr(layer.record, f) is None}
+            layer.record = layer.record.replace(**known)  # variables record none: like's are taken
+        typed[s] = layer
+        if tgt.spoke.family == src.spoke.family:  # the same arrays on both sides (else the bridge decides)
+            found = _layout_mismatch(layer, like)
+            if layer.inner is not None and like.inner is not None:
+                found += [f"wrapped {layer.inner.path!r} -> {like.inner.path!r}: {f}"
+                          for f in _layout_mismatch(layer.inner, like.inner)]  # fmt: skip
+            if found:
+                where = f"source {s!r} (variables) -> like {t!r} ({tgt.framework} {like.cls})"
+                problems += [f"{where}: {f} [paired by {how}]" for f in found]
+                continue
+        good.append((s, t, how))
+    if no_stats:
+        problems.append(
+            f"the source has no batch_stats collection (like's {', '.join(map(repr, no_stats))} keep state there)"
+        )
+    covered = [src.spoke.covers(layer) for layer in typed.values()]
+    covered += [src.spoke.covers(layer.inner) for layer in typed.values() if layer.inner is not None]
+    covered += [{"*": tuple(p.split("/"))} for p in skipped]
+    inner = {layer.inner.path for layer in typed.values() if layer.inner is not None}
+    problems += [f"source {p!r} is paired with like {t!r} and also wrapped by a paired layer" for p, t, _ in good
+                 if p in inner]  # fmt: skip
+    leftover: dict[str, dict[str, tuple[int, ...]]] = {}
+    for col, tree in src.spoke.collections(variables):
+        for key, value in tree.items():
+            if not any(key[: len(parts)] == parts for c in covered for k, parts in c.items() if k in ("*", col)):
+                scope = "/".join(key[:-1]) or key[0]
+                leftover.setdefault(scope, {})[f"{col}/{key[-1]}"] = tuple(np.shape(value))
+    for scope, shapes in leftover.items():
+        problems.append(
+            f"source {scope!r} (variables {shapes}) is not paired with any layer of like; map it "
+            f"(mapping={{{scope!r}: <like path>}}), skip it ({{{scope!r}: None}}), or pass (module, variables) "
+            "and probe= to pair by execution order"
+        )
+    src.layers = {s: typed[s] for s, _, _ in good}
+    return good
+
+
+def _variables_alone(source: Any) -> bool:
+    """``source`` is linen variables without their module (see :func:`convert`)."""
+    return isinstance(source, Mapping) and framework_of(source) == "linen"
+
+
+def _refuse_unverifiable(
+    source: Any, like: Any, mapping: Any, probe: Any, call: Any, on_mismatch: str, verify: Any
+) -> None:
+    """Variables without their module cannot run, so ``verify`` cannot pass: refuse, as a missing probe is,
+    with the fix first and every pairing problem after it (before any probe or verification code runs)."""
+    plan = _plan(source, like, mapping, probe, call, on_mismatch)
+    raise ConversionError(
+        f"normbridge.convert ({plan.src.framework} -> {plan.tgt.framework}) refused",
+        problems=[
+            f"verify={verify!r} runs both models, but {NO_MODULE}: pass (module, variables) to verify, or "
+            "verify=False for an unverified conversion",
+            *plan.problems,
+        ],
+        mapping=plan.suggestion,
+    )
+
+
+def _layout_mismatch(a: Layer, b: Layer) -> list[str]:
+    """The arrays one side of a pair has and the other has not, and those whose dtypes differ (the
+    records' names; shapes are :func:`_check_pair`'s)."""
+    da, db = record_dtypes(a.record), record_dtypes(b.record)
+    out = [f"like's layer has {k!r}, the source has none" for k in sorted(set(db) - set(da))]
+    out += [f"the source has {k!r}, like's layer has none" for k in sorted(set(da) - set(db))]
+    return out + [
+        f"{k!r} is {da[k]} in the source, {db[k]} in like" for k in sorted(set(da) & set(db)) if da[k] != db[k]
+    ]
+
+
 @dataclasses.dataclass
 class _Plan:
     src: _Side
@@ -352,6 +471,12 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
         pairs += found
         used_s |= {s for s, _, _ in found}
         used_t |= {t for _, t, _ in found}
+    if src.cannot_run is not None:
+        pairs = _typed_bare(src, tgt, pairs, skip_s, problems)
+        used_s = {s for s, _, _ in pairs} | skip_s
+        notes.append(
+            "hyper-parameters (epsilon, momentum, groups, ...) are like's: variables without a module have none"
+        )
     for counts in (collections.Counter(s for s, _, _ in pairs), collections.Counter(t for _, t, _ in pairs)):
         for p, n in counts.items():
             if n > 1:
@@ -383,6 +508,8 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
     unpaired_s = [p for p in src.layers if p not in used_s]
     unpaired_t = [p for p in tgt.layers if p not in used_t]
     hint = "" if src.calls is not None and tgt.calls is not None else "; pass probe= to pair by execution order"
+    if src.cannot_run is not None:
+        hint = "; map it, or pass (module, variables) and probe= to pair by execution order"
     for p in unpaired_s:
         layer = src.layers[p]
         what = "layer kind unknown to normbridge" if layer.kind == "unknown" else f"{layer.kind} {layer.shapes}"
@@ -607,7 +734,9 @@ def convert(
     """Convert a whole model to another framework (or to/from the facades): ``(target, report)``.
 
     ``source`` / ``like``: linen ``(module, variables)``, an NNX module, Equinox ``(model, state)``
-    (or a stateless model), a :mod:`normbridge.adapters.treex` module; native layers or facades.
+    (or a stateless model), a :mod:`normbridge.adapters.treex` module; native layers or facades. A
+    ``source`` may also be linen variables alone (no module; see the module docstring): paired by
+    ``mapping`` and names only, and it cannot be verified (``verify=False``).
     ``like`` gives the target's architecture and layer classes (its values are replaced; abstract
     ``eval_shape`` values are fine); the target has ``like``'s structure, and nothing passed in is
     mutated. ``mapping``: ``{source path: target path}`` pairs that take precedence (``None`` skips
@@ -627,6 +756,8 @@ def convert(
     Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
     mismatched layers; a refused verification with the measured difference).
     """
+    if verify in (True, "train") and _variables_alone(source):
+        _refuse_unverifiable(source, like, mapping, probe, call, on_mismatch, verify)
     if verify not in (True, False, "train"):
         raise ValueError(f"verify must be True, False or 'train', got {verify!r}")
     plan = _plan(source, like, mapping, probe, call, on_mismatch)
@@ -711,7 +842,9 @@ def convert(
             _refuse_if_differs(plan, train, tolerated, "in train mode the converted model differs", "worst", _train_why)
             train_check = train
     else:
-        notes.append("unverified (verify=False)")
+        bare = src.cannot_run is not None
+        notes.append(f"unverified: {src.cannot_run} (pass (module, variables) to verify)" if bare else
+                     "unverified (verify=False)")  # fmt: skip
     skipped = tuple(f"source {p}" for p in src.stateless) + tuple(f"like {p}" for p in tgt.stateless)
     skipped_state = tuple(f"source {p}" for p in src.rng_state) + tuple(f"like {p}" for p in tgt.rng_state)
     report = ConversionReport(

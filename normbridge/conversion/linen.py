@@ -7,6 +7,12 @@ is recorded with its bound module, in call order, which is also the execution or
 pairing. Calls made inside a known layer (the Dense a SpectralNorm wraps, attention's projections)
 belong to it. Every variable must belong to a called layer, else it is reported. Targets are new
 variables dicts; ``like``'s are not mutated.
+
+A source may also be linen variables alone (``{'params': ..., 'batch_stats': ...}``, a checkpoint
+without its architecture): nothing can run, so its layers are untyped scopes (every scope path, and
+every array directly in a scope, which may be a bare ``self.param``) until pairing (mapping and
+names only) gives each the kind of its ``like`` layer; :meth:`LinenSpoke.typed` then reads it in
+that kind's layout (:func:`normbridge.adapters.linen.to_canonical` with ``module=None``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import jax
 
 from normbridge._optional import require
 from normbridge.conversion._util import check_plain
-from normbridge.conversion.base import WRAPPER_KINDS, Call, Layer, Spoke
+from normbridge.conversion.base import NORM_KINDS, UNTYPED, WRAPPER_KINDS, Call, Layer, Spoke
 from normbridge.core import KIND_OF_CLASS
 
 PLAIN_CLASSES = {
@@ -43,6 +49,26 @@ def _nn() -> Any:
 def kind_of(module: Any) -> str | None:
     name = type(module).__name__
     return KIND_OF_CLASS.get(name) or PLAIN_CLASSES.get(name)
+
+
+def is_bare(obj: Any) -> bool:
+    """Linen variables without their module (a checkpoint with no architecture)."""
+    return isinstance(obj, Mapping)
+
+
+def bare_layers(variables: Mapping[str, Any]) -> dict[str, Layer]:
+    """The untyped candidates of variables without their module: every scope path, and every array
+    directly in a scope (SpectralNorm/WeightNorm entries such as ``'Dense_0/kernel/u'`` are their scope's)."""
+    out: dict[str, Layer] = {}
+    for tree in _plain(variables).values():
+        for key in _flatten(tree):
+            for i in range(1, len(key)):
+                path = "/".join(key[:i])
+                out.setdefault(path, Layer(path, UNTYPED, "variables", meta={"scope": key[:i]}))
+            if "/" not in key[-1]:
+                path = "/".join(key)
+                out.setdefault(path, Layer(path, UNTYPED, "variables", meta={"array": key}))
+    return out
 
 
 def split(obj: Any) -> tuple[Any, dict[str, Any]]:
@@ -194,33 +220,72 @@ class LinenSpoke(Spoke):
         from normbridge.adapters.linen import convert
 
         mod, kind, path = e["module"], e["kind"], e["path"]
+        cls = "variables" if mod is None else type(mod).__name__
         parts = tuple(path.split("/")) if path else ()
         if kind in KIND_OF_CLASS.values():
             if kind == "spectral_norm":
-                sub = _at(variables.get(mod.collection_name, {}), parts) or {}
+                collection = "batch_stats" if mod is None else mod.collection_name
+                sub = _at(variables.get(collection, {}), parts) or {}
             elif kind == "weight_norm":
                 sub = {k: v for k, v in (_at(variables.get("params", {}), parts) or {}).items()}
             else:
                 sub = {c: _at(t, parts) for c, t in variables.items() if isinstance(_at(t, parts), Mapping)}
-            layer = Layer(path, kind, type(mod).__name__, convert.to_canonical(sub, mod), mod)
+            layer = Layer(path, kind, cls, convert.to_canonical(sub, mod, kind=kind), mod)
             if kind in WRAPPER_KINDS:
                 inner = next((i for i in e["inner"] if i["kind"] is not None), None)
+                name = layer.record.option("layer_name")
+                if inner is None and mod is None and name and e.get("inner_kind"):
+                    # variables alone: the wrapped layer is the sibling scope its entries name
+                    inner = {"path": "/".join((*parts[:-1], name)), "kind": e["inner_kind"], "module": None}
                 if inner is not None:
                     layer.inner = self._layer(inner, variables)
             return layer
         params = _at(variables.get("params", {}), parts) or {}
         others = [c for c, t in variables.items() if c != "params" and _at(t, parts) is not None]
         record = {"/".join(k): v for k, v in _flatten(params).items()}
-        return Layer(path, kind, type(mod).__name__, record, mod, meta={"other_collections": others})
+        return Layer(path, kind, cls, record, mod, meta={"other_collections": others})
+
+    def typed(self, variables: Mapping[str, Any], layer: Layer, like: Layer) -> Layer:
+        """An untyped ``layer`` of variables without their module (:func:`bare_layers`) read in the linen
+        layout of ``like``'s kind; ``ValueError`` when its arrays do not fit that layout."""
+        variables = _plain(variables)
+        if like.kind == "param":
+            if "array" not in layer.meta:
+                raise ValueError("a scope of arrays, but like's layer is one bare parameter")
+            key = layer.meta["array"]
+            col = next(c for c, t in variables.items() if _at(t, key) is not None)
+            return Layer(layer.path, "param", "param", {"value": _at(variables[col], key)}, meta={"collection": col})
+        if "scope" not in layer.meta:
+            raise ValueError(f"one array, but like's layer is a {like.kind} layer")
+        if like.kind not in (*NORM_KINDS, *PLAIN_CLASSES.values()):
+            raise ValueError(f"like's layer is of a kind unknown to normbridge ({like.cls})")
+        inner_kind = like.inner.kind if like.inner is not None else None
+        entry = {"path": layer.path, "kind": like.kind, "module": None, "inner": [], "inner_kind": inner_kind}
+        return self._layer(entry, variables)
+
+    def collections(self, variables: Mapping[str, Any]) -> list[tuple[str, dict[tuple[str, ...], Any]]]:
+        """``(collection, {key tuple: array})`` of variables without their module."""
+        return [(col, _flatten(tree)) for col, tree in _plain(variables).items()]
+
+    def covers(self, layer: Layer) -> dict[str, tuple[str, ...]]:
+        """``{collection or "*": scope}``: the arrays a typed layer of variables without their module was
+        read from (a norm layer: all under its scope; other kinds: their ``params``; a parameter: itself)."""
+        parts = tuple(layer.path.split("/")) if layer.path else ()
+        if layer.kind in NORM_KINDS:
+            return {"*": parts}
+        return {layer.meta.get("collection", "params"): parts}
 
     def layers(self, model: Any, probe: Any = None, call: Callable | None = None) -> dict[str, Layer]:
+        if is_bare(model):
+            return bare_layers(model)
         return self._run(model, probe, call)[0]
 
     def stateless(self, model: Any, probe: Any = None, call: Callable | None = None) -> list[str]:
-        return self._run(model, probe, call)[2]
+        return [] if is_bare(model) else self._run(model, probe, call)[2]
 
-    def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:
-        return self._run(model, probe, call)[1]
+    def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call] | None:
+        """The call order; ``None`` for variables without their module (nothing to run)."""
+        return None if is_bare(model) else self._run(model, probe, call)[1]
 
     def copy(self, obj: Any) -> Any:
         return obj

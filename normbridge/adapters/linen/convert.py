@@ -79,10 +79,29 @@ def _layer_name(record: NormRecord, module: Any, layer_name: str | None) -> str:
     return getattr(inner, "name", None) or "layer_instance"
 
 
-def to_canonical(variables_subtree: Mapping[str, Any], module: Any) -> NormRecord:
-    """Canonical record of one linen layer's variables (see the module docstring for layouts)."""
-    kind = _kind(module, "to_canonical")
-    layer = type(module).__name__
+class _NoModule:
+    """The module of a checkpoint read without its architecture: every hyper-parameter unknown (``None``),
+    SpectralNorm's collection linen's default."""
+
+    collection_name = "batch_stats"
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+def to_canonical(variables_subtree: Mapping[str, Any], module: Any, *, kind: str | None = None) -> NormRecord:
+    """Canonical record of one linen layer's variables (see the module docstring for layouts).
+
+    ``module=None`` with ``kind=`` (a :data:`normbridge.core.KIND_OF_CLASS` value): variables of a
+    checkpoint without its module, read in that kind's layout; the record's hyper-parameters (epsilon,
+    momentum, axes, options) are then ``None``, unknown.
+    """
+    if module is None:
+        if kind not in _KINDS.values():
+            raise TypeError(f"to_canonical: module=None needs kind= one of {sorted(set(_KINDS.values()))}")
+        module, layer = _NoModule(), kind
+    else:
+        kind, layer = _kind(module, "to_canonical"), type(module).__name__
     if kind == "spectral_norm":
         flat = _unwrap(variables_subtree, module.collection_name)
         vectors: dict[str, dict[str, Any]] = {}

@@ -1,6 +1,7 @@
 """Linen → NNX whole-model checkpoint migration: a small ResNet-style model in native flax.linen,
 migrated from a msgpack file and an Orbax directory into the NNX facade model; outputs equal in
-eval mode and after 3 training steps; mismatched checkpoints fail naming every path, model untouched."""
+eval mode and after 3 training steps; mismatched checkpoints fail naming every path, model untouched.
+Without the linen module (deprecated) the checkpoint is paired by mapping and names only, never by order."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import pytest
 from flax import nnx, serialization
 
 import normbridge.adapters.nnx as F
+from normbridge.conformance import conversion_models as M
 from normbridge.conformance.measure import diff
 from normbridge.conformance.nnx_cases import flat_state
+from normbridge.conversion import pair
 
 C = 8
 
@@ -129,18 +132,39 @@ def test_migrated_model_matches_linen(fmt: str, linen_run, tmp_path) -> None:
     _close(model(X), eval_after)
 
 
-def test_linen_layer_discovery(linen_run) -> None:
-    layers = F.migrate.linen_layers(linen_run[0])
-    kinds = {p: e["kind"] for p, e in layers.items()}
-    assert kinds["Conv_0"] == "conv" and kinds["BatchNorm_1"] == "batch_norm"
-    assert kinds["SpectralNorm_0"] == "spectral_norm" and layers["SpectralNorm_0"]["wrapped"] == "Dense_0"
-    assert layers["WeightNorm_0"]["wrapped"] == "Dense_1"
-    assert list(F.migrate.nnx_layers(NnxNet(nnx.Rngs(0)))) == ["conv1", "bn1", "conv2", "bn2", "gn", "ln", "sn", "wn"]
+#: Every layer of the two models, mapped ``{nnx path: linen path}``: without the linen module only
+#: mapping and equal names pair, and NnxNet's attribute names are not linen's.
+FULL = {
+    "conv1": "Conv_0",
+    "conv2": "Conv_1",
+    "bn1": "BatchNorm_0",
+    "bn2": "BatchNorm_1",
+    "gn": "GroupNorm_0",
+    "ln": "LayerNorm_0",
+    "sn": "SpectralNorm_0",
+    "wn": "WeightNorm_0",
+}
 
 
-#: The same-shaped layers of the two models, mapped: without the linen module the checkpoint alone
-#: cannot say which of two same-shaped BatchNorms (or Convs) is which.
-SAME_SHAPED = {"conv1": "Conv_0", "conv2": "Conv_1", "bn1": "BatchNorm_0", "bn2": "BatchNorm_1"}
+def _state(model) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
+
+
+def _unchanged(before: dict[str, np.ndarray], model) -> bool:
+    after = _state(model)
+    return before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_variables_alone_take_each_layer_kind_from_the_nnx_layer(linen_run) -> None:
+    """(Was: linen_layers/nnx_layers discovery by linen auto-names and definition order, removed.) The
+    engine pairs variables without their module by mapping; kinds are the NNX layers', and the layers a
+    SpectralNorm/WeightNorm wraps follow their wrapper (the scope its entries name)."""
+    pairs = pair(linen_run[0], NnxNet(nnx.Rngs(0)), mapping={v: k for k, v in FULL.items()})
+    got = {(p.source, p.target, p.kind, p.how) for p in pairs}
+    assert ("SpectralNorm_0", "sn", "spectral_norm", "mapping") in got
+    assert ("Dense_0", "sn/layer_instance", "dense", "wrapped by SpectralNorm_0") in got
+    assert ("Dense_1", "wn/layer_instance", "dense", "wrapped by WeightNorm_0") in got
+    assert ("BatchNorm_1", "bn2", "batch_norm", "mapping") in got and len(got) == 10
 
 
 def _broken(ckpt, how: str):
@@ -157,52 +181,71 @@ def _broken(ckpt, how: str):
     elif how == "dtype":
         stats["BatchNorm_1"] = {**stats["BatchNorm_1"], "var": stats["BatchNorm_1"]["var"].astype(jnp.bfloat16)}
         params["Conv_0"] = {**params["Conv_0"], "kernel": params["Conv_0"]["kernel"].astype(jnp.float16)}
+    elif how == "no_stats":
+        return {"params": params}
     return {"params": params, "batch_stats": stats}
 
 
 EXPECTED = {
-    "missing": ["unmatched nnx layers ['conv2']"],
-    "extra": ["Dense_7", "GroupNorm_1"],
-    "shape": ["BatchNorm_0", "'scale' has shape (9,)", "Dense_1/kernel"],
-    "dtype": ["BatchNorm_1", "'var' has dtype bfloat16", "Conv_0/kernel: dtype float16"],
-}
+    "missing": ["like 'conv2' (Conv: conv {'kernel': (3, 3, 8, 8), 'bias': (8,)}) is not paired"],
+    "extra": ["source 'Dense_7' (variables {'params/bias': (3,), 'params/kernel': (3, 3)}) is not paired",
+              "source 'GroupNorm_1'"],
+    "shape": ["'BatchNorm_0' (linen variables) -> like 'bn1' (nnx BatchNorm): scale has 9 features in the source",
+              "wrapped layer 'Dense_1' -> 'wn/layer_instance' shapes differ: {'bias': (3,), 'kernel': (8, 4)}"],
+    "dtype": ["'BatchNorm_1' (variables) -> like 'bn2' (nnx BatchNorm): 'var' is bfloat16 in the source",
+              "'Conv_0' (variables) -> like 'conv1' (nnx Conv): 'kernel' is float16 in the source"],
+    # one line for the whole collection, not one per BatchNorm; SpectralNorm_0 keeps all it has there, so
+    # that scope is gone (its mapping, its sn, its wrapped Dense_0 listed: 3 more lines)
+    "no_stats": ["refused (4 problems)", "the source has no batch_stats collection (like's 'bn1', 'bn2' keep"],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("how", sorted(EXPECTED))
 def test_mismatched_checkpoint_names_every_path_and_leaves_model_unchanged(how: str, linen_run) -> None:
     model = NnxNet(nnx.Rngs(3))
-    before = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
-    mapping = {k: v for k, v in SAME_SHAPED.items() if not (how == "missing" and k == "conv2")}
-    with pytest.raises(F.MigrationError) as err:
+    before = _state(model)
+    mapping = {k: v for k, v in FULL.items() if not (how == "missing" and k == "conv2")}
+    with pytest.warns(DeprecationWarning), pytest.raises(F.MigrationError) as err:
         F.migrate_linen_checkpoint(_broken(linen_run[0], how), model, mapping=mapping)
     for needle in EXPECTED[how]:
         assert needle in str(err.value), str(err.value)
-    after = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
-    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert _unchanged(before, model)
 
 
 def test_explicit_mapping_overrides_order(linen_run) -> None:
     ckpt = linen_run[0]
     swapped = NnxNet(nnx.Rngs(0))
     # map bn1 <- BatchNorm_1 and bn2 <- BatchNorm_0: the values follow the mapping, not the order
-    F.migrate_linen_checkpoint(ckpt, swapped, mapping={**SAME_SHAPED, "bn1": "BatchNorm_1", "bn2": "BatchNorm_0"})
+    with pytest.warns(DeprecationWarning):
+        F.migrate_linen_checkpoint(ckpt, swapped, mapping={**FULL, "bn1": "BatchNorm_1", "bn2": "BatchNorm_0"})
     assert np.array_equal(swapped.bn1.mean.get_value(), ckpt["batch_stats"]["BatchNorm_1"]["mean"])
     assert np.array_equal(swapped.bn2.scale.get_value(), ckpt["params"]["BatchNorm_0"]["scale"])
-    with pytest.raises(F.MigrationError, match="not a layer of the checkpoint"):
-        F.migrate_linen_checkpoint(ckpt, NnxNet(nnx.Rngs(0)), mapping={**SAME_SHAPED, "bn1": "Nope_0"})
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(F.MigrationError, match="'Nope_0' is not a layer of the source"),
+    ):
+        F.migrate_linen_checkpoint(ckpt, NnxNet(nnx.Rngs(0)), mapping={**FULL, "bn1": "Nope_0"})
 
 
-def test_ambiguous_custom_named_layer_needs_mapping(linen_run) -> None:
+def test_custom_named_layer_pairs_by_name_or_mapping(linen_run) -> None:
+    """(Was: a custom-named {scale, bias} layer is 'ambiguous'.) Its kind is the NNX layer's: it pairs
+    with an NNX layer of the same name, or by mapping; otherwise both sides are listed unpaired."""
     ckpt = linen_run[0]
     params = dict(ckpt["params"])
-    params["my_norm"] = params.pop("LayerNorm_0")  # {scale, bias} under a custom name: LN, GN or IN?
+    params["my_norm"] = params.pop("LayerNorm_0")
     renamed = {"params": params, "batch_stats": ckpt["batch_stats"]}
-    with pytest.raises(F.MigrationError) as err:
-        F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping=SAME_SHAPED)
-    assert "ambiguous linen layers" in str(err.value) and "'my_norm'" in str(err.value)
-    assert "unmatched nnx layers ['ln']" in str(err.value)
-    model = F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping={**SAME_SHAPED, "ln": "my_norm"})
+    rest = {k: v for k, v in FULL.items() if k != "ln"}
+    with pytest.warns(DeprecationWarning), pytest.raises(F.MigrationError) as err:
+        F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping=rest)
+    assert "source 'my_norm' (variables {'params/bias': (8,), 'params/scale': (8,)}) is not paired" in str(err.value)
+    assert "like 'ln' (LayerNorm: layer_norm" in str(err.value) and "refused (2 problems)" in str(err.value)
+    with pytest.warns(DeprecationWarning):
+        model = F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping={**rest, "ln": "my_norm"})
     assert np.array_equal(model.ln.scale.get_value(), ckpt["params"]["LayerNorm_0"]["scale"])
+    params["ln"] = params.pop("my_norm")  # the NNX attribute's name: paired by name, no mapping
+    with pytest.warns(DeprecationWarning):
+        model = F.migrate_linen_checkpoint(renamed, NnxNet(nnx.Rngs(0)), mapping=rest)
+    assert np.array_equal(model.ln.bias.get_value(), ckpt["params"]["LayerNorm_0"]["bias"])
 
 
 def test_with_module_and_probe_pairs_by_execution_and_verifies(linen_run) -> None:
@@ -213,28 +256,63 @@ def test_with_module_and_probe_pairs_by_execution_and_verifies(linen_run) -> Non
     assert np.array_equal(np.asarray(model(X)), np.asarray(eval_before))
     # a wrong mapping is caught by the verification, never loaded
     fresh = NnxNet(nnx.Rngs(3))
-    before = {k: np.asarray(v) for k, (_, v) in flat_state(fresh).items()}
+    before = _state(fresh)
     with pytest.raises(F.MigrationError, match="outputs differ"):
         F.migrate_linen_checkpoint(
             ckpt, fresh, module=LinenNet(), probe=X, mapping={"bn1": "BatchNorm_1", "bn2": "BatchNorm_0"}
         )
-    after = {k: np.asarray(v) for k, (_, v) in flat_state(fresh).items()}
-    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert _unchanged(before, fresh)
 
 
-def test_order_pairing_without_module_is_deprecated_and_refuses_same_shaped_layers(linen_run) -> None:
-    """The issue's trap: pairing same-shaped layers by order is a guess shape checks cannot catch.
-
-    Without the linen module it is refused, listing every such group, and nothing is written; with
-    the module and a probe the engine pairs by execution and verifies (test above)."""
+def test_without_module_is_deprecated_and_never_pairs_by_order(linen_run) -> None:
+    """(Was: order pairing within each kind, refusing same-shaped groups.) Without the linen module only
+    mapping and names pair: every layer left unpaired is listed on both sides, nothing is written; fully
+    mapped, the migrated model computes linen's outputs."""
+    ckpt, eval_before, _ = linen_run
     model = NnxNet(nnx.Rngs(0))
-    before = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
-    with pytest.warns(DeprecationWarning, match="module= and probe="), pytest.raises(F.MigrationError) as err:
-        F.migrate_linen_checkpoint(linen_run[0], model, mapping={"conv1": "Conv_0"})
+    before = _state(model)
+    with pytest.warns(DeprecationWarning, match="normbridge.convert"), pytest.raises(F.MigrationError) as err:
+        F.migrate_linen_checkpoint(ckpt, model, mapping={"conv1": "Conv_0"})
     msg = str(err.value)
-    assert "batch_norm: linen layers ['BatchNorm_0', 'BatchNorm_1'] have the same shapes" in msg
-    assert "conv" not in msg.replace("batch_norm", "")  # the one remaining Conv pairs unambiguously
-    after = {k: np.asarray(v) for k, (_, v) in flat_state(model).items()}
-    assert all(np.array_equal(before[k], after[k]) for k in before)
+    unpaired = ["BatchNorm_0", "BatchNorm_1", "Conv_1", "GroupNorm_0", "LayerNorm_0", "SpectralNorm_0",
+                "WeightNorm_0", "Dense_0", "Dense_1"]  # fmt: skip
+    assert all(f"source {p!r} (variables" in msg for p in unpaired), msg
+    assert all(f"like {p!r} (" in msg for p in FULL if p != "conv1"), msg
+    assert f"refused ({len(unpaired) + len(FULL) - 1} problems)" in msg
+    assert _unchanged(before, model)
     with pytest.warns(DeprecationWarning):
-        F.migrate_linen_checkpoint(linen_run[0], NnxNet(nnx.Rngs(0)), mapping=SAME_SHAPED)  # fully mapped: fine
+        F.migrate_linen_checkpoint(ckpt, model, mapping=FULL)
+    model.eval()
+    assert np.array_equal(np.asarray(model(X)), np.asarray(eval_before))
+
+
+#: The issue's ResNet (normbridge.conformance.conversion_models): linen lists the stem conv_init/bn_init
+#: after ResNetBlock_*, every BatchNorm has the same shape, and NnxBlock defines bn2 before bn1.
+RESNET_BLOCKS = {
+    f"blocks/{i}/{ours}": f"ResNetBlock_{i}/{linen}"
+    for i in range(2)
+    for ours, linen in (("conv1", "Conv_0"), ("bn1", "BatchNorm_0"), ("conv2", "Conv_1"), ("bn2", "BatchNorm_1"))
+} | {"head": "Dense_0"}
+
+
+def test_resnet_stem_sorted_after_the_blocks_never_loads_wrong_weights() -> None:
+    """Without mapping, or with only ``conv_init`` mapped (accepted before, eval logits off by 45 %), the
+    checkpoint alone is refused, naming every unpaired layer; the stem pairs by name, and with the blocks
+    mapped the NNX model's eval logits equal linen's bitwise."""
+    module, variables = M.build("resnet", "linen")
+    x = M.probe("resnet", "nnx")
+    want = M.outputs("linen", (module, variables), x)
+    model = M.build("resnet", "nnx", seed=5)
+    before, before_out = _state(model), M.outputs("nnx", model, x)
+    for mapping in ({}, {"conv_init": "conv_init"}):
+        with pytest.warns(DeprecationWarning), pytest.raises(F.MigrationError) as err:
+            F.migrate_linen_checkpoint(variables, model, mapping=mapping)
+        msg = str(err.value)
+        assert "source 'ResNetBlock_0/BatchNorm_0'" in msg and "like 'blocks/1/bn2'" in msg, msg
+        assert "refused (18 problems)" in msg  # 8 block layers + the Dense head, on both sides
+        assert err.value.__cause__.mapping == {"conv_init": "conv_init", "bn_init": "bn_init"}
+        assert _unchanged(before, model)
+    with pytest.warns(DeprecationWarning):
+        F.migrate_linen_checkpoint(variables, model, mapping=RESNET_BLOCKS)
+    assert np.array_equal(M.outputs("nnx", model, x), want)
+    assert not np.array_equal(before_out, want)  # the weights did move
