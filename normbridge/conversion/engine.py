@@ -531,16 +531,21 @@ def _eval_why(plan: _Plan) -> list[str]:
 def _train_why(plan: _Plan) -> list[str]:
     """Known reasons why train mode differs although eval mode agrees."""
     fws = {plan.src.framework, plan.tgt.framework}
-    if (
-        "equinox" in fws
-        and fws != {"equinox"}
-        and any(plan.src.layers[s].kind == "batch_norm" for s, _, _ in plan.pairs)
-    ):
-        return [
+    if "equinox" not in fws or fws == {"equinox"}:
+        return []
+    kinds = {plan.src.layers[s].kind for s, _, _ in plan.pairs}
+    why = []
+    if "batch_norm" in kinds:
+        why.append(
             "equinox BatchNorm mode='ema' normalises with its running statistics in training once they are "
             "populated, flax-family BatchNorm with the batch's: eval behaviour converts, train behaviour does not"
-        ]
-    return []
+        )
+    if "spectral_norm" in kinds:
+        why.append(
+            "equinox SpectralNorm iterates from its stored (u, v) in training, flax from u: eval behaviour "
+            "converts, train behaviour does not"
+        )
+    return why
 
 
 def _refuse_if_differs(
@@ -564,34 +569,216 @@ def _refuse_if_differs(
     )
 
 
-def _verify_train(plan: _Plan, target: Any, reordered: bool) -> Verification:
-    """One train-mode forward pass on both sides: outputs, and every paired norm layer's updated state."""
+def _verify_train(plan: _Plan, target: Any, reordered: bool) -> tuple[Verification, Verification | None, list[str]]:
+    """One training step on both sides: ``(train outputs and updated statistics, gradients, notes)``.
+
+    A train-mode forward pass compares the outputs and every paired norm layer's updated state; then
+    :func:`_verify_gradients`. Call hooks run with ``train=True``; a linen/Equinox hook returns its updated
+    state as ``(y, updates)`` / ``(y, state)``, else the statistics are not compared (a note says so)."""
     from normbridge.conversion.base import record_arrays
 
     src, tgt = plan.src, plan.tgt
-    if src.call is not None or tgt.call is not None:
-        raise ConversionError("verify='train' uses the default call conventions; it cannot run with call= hooks")
-    ys, src_after = src.spoke.train_step(src.obj, src.probe)
-    yt, tgt_after = tgt.spoke.train_step(target, tgt.probe)
-    sl, tl = src.spoke.layers(src_after, src.probe), tgt.spoke.layers(tgt_after, tgt.probe)
+    notes: list[str] = []
+    ys, src_after = src.spoke.train_step(src.obj, src.probe, src.call)
+    yt, tgt_after = tgt.spoke.train_step(target, tgt.probe, tgt.call)
     a: dict[str, Any] = {"output": yt}
     b: dict[str, Any] = {"output": ys}
-    for s, t, _ in plan.pairs:
-        if src.layers[s].kind not in NORM_KINDS:
-            continue
-        ra, rb = record_arrays(tl[t].record), record_arrays(sl[s].record)
-        for k in sorted(set(ra) & set(rb) - {"count"}):
-            if np.shape(ra[k]) == np.shape(rb[k]) or np.size(ra[k]) == np.size(rb[k]):
-                a[f"{t}/{k}"], b[f"{t}/{k}"] = np.reshape(np.asarray(ra[k]), np.shape(rb[k])), rb[k]
+    stats = src_after is not None and tgt_after is not None
+    if stats:
+        sl, tl = src.spoke.layers(src_after, src.probe, src.call), tgt.spoke.layers(tgt_after, tgt.probe, tgt.call)
+        for s, t, _ in plan.pairs:
+            if src.layers[s].kind not in NORM_KINDS:
+                continue
+            ra, rb = record_arrays(tl[t].record), record_arrays(sl[s].record)
+            for k in sorted(set(ra) & set(rb) - {"count"}):
+                if np.shape(ra[k]) == np.shape(rb[k]) or np.size(ra[k]) == np.size(rb[k]):
+                    a[f"{t}/{k}"], b[f"{t}/{k}"] = np.reshape(np.asarray(ra[k]), np.shape(rb[k])), rb[k]
+    elif any(src.layers[s].kind in NORM_KINDS for s, _, _ in plan.pairs):
+        which = " and ".join(side.label for side, after in ((src, src_after), (tgt, tgt_after)) if after is None)
+        notes.append(
+            f"train: updated statistics not compared: the {which} call hook returns no state (in train mode a "
+            "linen hook returns apply(..., mutable=...)'s (y, updates), an Equinox hook (y, state))"
+        )
+    mode = "train (outputs, updated statistics)" if stats else "train (outputs)"
     d = _compare(a, b)
     # treex updates statistics with its float32 momentum (1 - m rounds differently): bitwise only linen <-> NNX
     bitwise_required = {src.framework, tgt.framework} <= {"linen", "nnx"} and not reordered
     bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
+    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves):
+        return Verification(mode, False, float("inf"), float("inf"), bound, False, d.failing_paths[:3]), None, notes
     max_abs = max((x.max_abs for x in d.leaves), default=0.0)
     max_rel = max((x.norm_rel for x in d.leaves), default=0.0)
     worst = () if d.bitwise else tuple(x.path for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3] if x.max_abs > 0)
     passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
-    return Verification("train (outputs, updated statistics)", d.bitwise, max_abs, max_rel, bound, passed, worst)
+    train = Verification(mode, d.bitwise, max_abs, max_rel, bound, passed, worst)
+    grads, grad_notes = _verify_gradients(plan, target, reordered, ys)
+    return train, grads, notes + grad_notes
+
+
+#: Seed of the fixed random cotangent ``c`` of verify="train"'s scalar loss ``sum(output * c)`` (both sides).
+COTANGENT_SEED = 0
+
+
+def _loss_of_output(y: Any) -> Callable[[Any], Any]:
+    """``out -> sum(out * c)``: ``c`` random normal from :data:`COTANGENT_SEED`, shaped like the source output
+    ``y`` (the train outputs were compared first: both sides' outputs have these shapes)."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(y) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    keys = jax.random.split(jax.random.key(COTANGENT_SEED), max(len(leaves), 1))
+    cot = [jax.random.normal(k, np.shape(leaf), jnp.result_type(leaf)) for k, leaf in zip(keys, leaves)]
+
+    def loss(out: Any) -> Any:
+        outs = [leaf for leaf in jax.tree_util.tree_leaves(out) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+        return sum(jnp.sum(o * c).astype(jnp.float32) for o, c in zip(outs, cot))
+
+    return loss
+
+
+def _gradient_model(side: _Side, model: Any, loss: Callable[[Any], Any]) -> Any:
+    """``model`` with every parameter replaced by ``d loss(train-mode output) / d parameter`` and its state
+    before the step: a model of the side's framework, so its spoke lists the gradients in the canonical layout
+    and writes canonical gradients like parameters. Parameters/state and rebuilding come from
+    :func:`normbridge.testing._models.functional`; the train-mode call is the spoke's (or the side's hook)."""
+    from normbridge.testing._models import functional
+
+    f = functional(model)
+    grads = jax.grad(lambda p: loss(side.spoke.train_step(f.rebuild(p, f.state), side.probe, side.call)[0]))(f.params)
+    return f.rebuild(grads, f.state)
+
+
+def _parameter_fields(side: _Side, model: Any) -> set[tuple[str, str]]:
+    """``(layer path, canonical field)`` of the arrays the framework differentiates (its parameters: linen
+    ``params``, ``nnx.Param``, Equinox inexact arrays, treex ``Parameter``): found by rebuilding the model with
+    NaN parameters and listing it. Native NNX ``WeightNorm`` keeps its scales outside ``nnx.Param``, linen's are
+    params: such an array has a gradient on one side only."""
+    from normbridge.conversion.base import record_arrays
+    from normbridge.testing._models import functional
+
+    f = functional(model)
+
+    def nan(p: Any) -> Any:
+        return jnp.full_like(p, jnp.nan) if jnp.issubdtype(jnp.result_type(p), jnp.inexact) else p
+
+    marked = f.rebuild(jax.tree_util.tree_map(nan, f.params), f.state)
+    layers = _with_inner(spoke_for(side.framework).layers(marked, side.probe, side.call))
+    return {
+        (path, k)
+        for path, layer in layers.items()
+        for k, v in record_arrays(layer.record).items()
+        if jnp.issubdtype(jnp.result_type(v), jnp.inexact) and bool(np.all(np.isnan(np.asarray(v))))
+    }
+
+
+def _grad_fields(record: Any) -> list[str]:
+    """The arrays of a canonical record that are parameters (gradients are taken of them)."""
+    from normbridge.conversion.base import record_arrays
+
+    names = list(record_arrays(record))
+    if not isinstance(record, NormRecord):
+        return names
+    return [k for k in names if k in ("scale", "bias") or k.startswith("weight_scales/")]
+
+
+def _with_inner(layers: Mapping[str, Layer]) -> dict[str, Layer]:
+    out = dict(layers)
+    for layer in layers.values():
+        if layer.inner is not None:
+            out[layer.inner.path] = layer.inner
+    return out
+
+
+def _verify_gradients(plan: _Plan, target: Any, reordered: bool, ys: Any) -> tuple[Verification, list[str]]:
+    """Gradients of ``sum(train output * fixed cotangent)`` with respect to every paired layer's parameters.
+
+    The source's gradients go through the same per-pair conversion as its parameters (its spoke lists the
+    gradient model's canonical records, like's spoke writes them into the target's gradient model), and are
+    compared with the target's own gradients, read back through like's spoke, with
+    :func:`normbridge.testing.tree_diff`. Bound: bitwise where the eval outputs must be (flax family, no
+    attention), else ``CROSS_RTOL`` relative to the largest gradient of the same layer. A SpectralNorm/
+    WeightNorm converted across families (a reparametrisation, not a layout) is not compared (noted)."""
+    from normbridge.conversion.base import record_arrays
+
+    src, tgt = plan.src, plan.tgt
+    loss = _loss_of_output(ys)
+    gs = _gradient_model(src, src.obj, loss)
+    gt = _gradient_model(tgt, target, loss)
+    # fresh spokes: the gradient models are new objects (the linen spoke caches its traces by object id)
+    s_layers = spoke_for(src.framework).layers(gs, src.probe, src.call)
+    t_spoke = spoke_for(tgt.framework)
+    t_layers = t_spoke.layers(gt, tgt.probe, tgt.call)
+    s_params, t_params = _parameter_fields(src, src.obj), _parameter_fields(tgt, target)
+    records: dict[str, Any] = {}
+    fields: dict[str, tuple[str, list[str]]] = {}  # target path -> (its pair's target path, compared fields)
+    notes: list[str] = []
+    cross = src.spoke.family != tgt.spoke.family
+
+    def compared(s: str, t: str, record: Any) -> list[str]:
+        out = []
+        for k in _grad_fields(record):
+            ps, pt = (s, k) in s_params, (t, k) in t_params
+            if ps and pt:
+                out.append(k)
+            elif ps or pt:
+                one, other = (src, tgt) if ps else (tgt, src)
+                notes.append(
+                    f"train: gradient of {t}/{k} not compared: a parameter in {one.framework}, not in "
+                    f"{other.framework} (which does not differentiate it)"
+                )
+        return out
+
+    for s, t, _ in plan.pairs:
+        a, b = s_layers[s], t_layers[t]
+        if a.kind in WRAPPER_KINDS and cross:
+            notes.append(
+                f"train: gradients of {s!r} -> {t!r} not compared ({a.kind} across frameworks is a "
+                "reparametrisation, not a layout change)"
+            )
+            continue
+        records[t], fields[t] = a.record, (t, compared(s, t, a.record))
+        if a.inner is not None and b.inner is not None:
+            inner = (t, compared(a.inner.path, b.inner.path, a.inner.record))
+            records[b.inner.path], fields[b.inner.path] = a.inner.record, inner
+
+    def adapt(path: str, record: Any, like_record: Any) -> Any:  # as convert's: like's kept hyper-parameters,
+        if not (isinstance(record, NormRecord) and isinstance(like_record, NormRecord)):  # and like's own
+            return record  # gradient where the source has no scale/bias (not compared)
+        keep = {f: getattr(like_record, f) for f, _, _, _ in plan.hyper.get(path, ()) if f in _HYPER}
+        fill = {k: getattr(like_record, k) for k in ("scale", "bias") if getattr(record, k) is None}
+        return record.replace(**keep, **{k: v for k, v in fill.items() if v is not None})
+
+    written = t_spoke.write(gt, records, t_layers, adapt)
+    mapped = _with_inner(spoke_for(tgt.framework).layers(written, tgt.probe, tgt.call))
+    own = _with_inner(t_layers)
+    a_tree: dict[str, Any] = {}
+    b_tree: dict[str, Any] = {}
+    layer_of: dict[str, str] = {}
+    for path, (pair_path, names) in fields.items():
+        ra, rb = record_arrays(own[path].record), record_arrays(mapped[path].record)
+        for k in names:
+            if k in ra and k in rb:
+                key = f"{path}/{k}"
+                a_tree[key], b_tree[key], layer_of[key] = ra[k], rb[k], pair_path
+    d = _compare(a_tree, b_tree)
+    bitwise_required = src.framework in FLAX_FAMILY and tgt.framework in FLAX_FAMILY and not reordered
+    bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g} of the layer's largest gradient"
+    n = len(set(layer_of.values()))
+    mode = f"train gradients ({len(a_tree)} parameter arrays of {n} layers)"
+    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves):
+        return Verification(mode, False, float("inf"), float("inf"), bound, False, d.failing_paths[:3]), notes
+    scale: dict[str, float] = collections.defaultdict(float)
+    for key, value in b_tree.items():
+        scale[layer_of[key]] = max(scale[layer_of[key]], float(np.max(np.abs(np.asarray(value)), initial=0.0)))
+    by_path = {x.path: x for x in d.leaves}
+
+    def rel(x: Any) -> float:
+        s = scale[layer_of.get(x.path, "")] if x.path in layer_of else 0.0
+        return 0.0 if x.max_abs == 0 else (x.max_abs / s if s > 0 else float("inf"))
+
+    rels = {p: rel(x) for p, x in by_path.items()}
+    max_abs = max((x.max_abs for x in d.leaves), default=0.0)
+    max_rel = max(rels.values(), default=0.0)
+    worst = () if d.bitwise else tuple(p for p in sorted(rels, key=lambda p: -rels[p])[:3] if rels[p] > 0)
+    passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
+    return Verification(mode, d.bitwise, max_abs, max_rel, bound, passed, worst), notes
 
 
 def convert(
@@ -686,6 +873,7 @@ def convert(
     pairs = _pairs(plan)
     verification = None
     train_check = None
+    gradients = None
     notes = list(plan.notes)
     if verify:
         # linen and NNX attention natively differ in operation order (~2e-7)
@@ -707,9 +895,23 @@ def convert(
         if not verification.passed:
             notes.append(f"outputs changed by keeping like's hyper-parameters: {verification.text()}")
         if verify == "train":
-            train = _verify_train(plan, target, reordered)
+            try:
+                train, gradients, train_notes = _verify_train(plan, target, reordered)
+            except ConversionError:
+                raise
+            except Exception as err:  # the user's model code failed in train mode: say where, don't leak it
+                raise ConversionError(
+                    f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: running the models in train "
+                    f"mode to verify failed: {type(err).__name__}: {err}",
+                    mapping={s: t for s, t, _ in plan.pairs},
+                ) from err
             _refuse_if_differs(plan, train, tolerated, "in train mode the converted model differs", "worst", _train_why)
+            if gradients is not None:
+                _refuse_if_differs(
+                    plan, gradients, tolerated, "in train mode the gradients differ", "worst gradient paths", _train_why
+                )
             train_check = train
+            notes += train_notes
     else:
         notes.append("unverified (verify=False)")
     skipped = tuple(f"source {p}" for p in src.stateless) + tuple(f"like {p}" for p in tgt.stateless)
@@ -723,5 +925,6 @@ def convert(
         tuple(notes),
         train=train_check,
         skipped_state=skipped_state,
+        gradients=gradients,
     )
     return target, report

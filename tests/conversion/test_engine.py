@@ -301,13 +301,94 @@ def test_linen_needs_a_module_and_variables() -> None:
         normbridge.convert(nn.Dense(3), model("mlp", "nnx"))
 
 
-def test_verify_train_compares_train_outputs_and_updated_statistics() -> None:
+def test_verify_train_compares_train_outputs_updated_statistics_and_gradients() -> None:
     src = model("resnet", "linen")
-    _, report = normbridge.convert(
+    tgt, report = normbridge.convert(
         src, model("resnet", "nnx", seed=5), probe=M.probe("resnet", "linen"), verify="train"
     )
     assert report.train.passed and report.train.bitwise and report.verified
+    assert report.gradients.passed and report.gradients.bitwise
+    # every parameter array of the 11 paired layers (9 convs/BNs/Dense with 2 arrays, 4 convs without bias)
+    assert "train gradients (18 parameter arrays of 11 layers)" in str(report)
     assert "train (outputs, updated statistics)" in str(report)
+    assert json.loads(report.to_json())["gradients"]["bitwise"] is True
+    # the claim, measured with each framework's own API: linen's and NNX's train-mode gradients are bitwise equal
+    x = M.probe("resnet", "linen")
+    module, variables = src
+    c = jax.random.normal(jax.random.key(3), (M.N, M.CLASSES))
+
+    def linen_loss(params):
+        y, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * c)
+
+    def nnx_loss(m):
+        return jnp.sum(m(x) * c)
+
+    g_linen = jax.grad(linen_loss)(variables["params"])
+    m = nnx.clone(tgt)
+    m.train()
+    g_nnx = nnx.grad(nnx_loss)(m)
+    assert np.array_equal(g_linen["conv_init"]["kernel"], g_nnx["conv_init"]["kernel"].get_value())
+    assert np.array_equal(
+        g_linen["ResNetBlock_1"]["BatchNorm_0"]["scale"], g_nnx["blocks"][1]["bn1"]["scale"].get_value()
+    )
+
+
+class NnxMlpStopGradient(nnx.Module):
+    """NnxMlp's forward pass, but no gradient flows into dense1: eval and train outputs are the same."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense1 = nnx.Linear(6, M.C, rngs=rngs)
+        self.bn = nnx.BatchNorm(M.C, momentum=0.9, rngs=rngs)
+        self.ln = nnx.LayerNorm(M.C, rngs=rngs)
+        self.dense2 = nnx.Linear(M.C, M.C, rngs=rngs)
+        self.rms = nnx.RMSNorm(M.C, rngs=rngs)
+        self.head = nnx.Linear(M.C, M.CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.ln(nnx.relu(self.bn(jax.lax.stop_gradient(self.dense1(x)))))
+        return self.head(self.rms(self.dense2(x)))
+
+
+def test_verify_train_refuses_a_target_whose_gradients_differ() -> None:
+    """Outputs (eval and train) and statistics agree bit for bit; only the gradients show the difference."""
+    src = model("mlp", "linen")
+    _, report = normbridge.convert(src, NnxMlpStopGradient(nnx.Rngs(3)), probe=M.probe("mlp", "linen"))
+    assert report.verification.bitwise  # eval mode cannot see it
+    with pytest.raises(normbridge.ConversionError) as err:
+        normbridge.convert(src, NnxMlpStopGradient(nnx.Rngs(3)), probe=M.probe("mlp", "linen"), verify="train")
+    text = str(err.value)
+    assert "in train mode the gradients differ" in text and "train gradients" in text
+    measured = err.value.measured
+    assert not measured.passed and measured.max_abs > 1e-3 and measured.max_rel == 1.0  # target's gradient is 0
+    assert set(measured.worst) <= {"dense1/kernel", "dense1/bias"} and "dense1/kernel" in measured.worst
+
+
+def _linen_hook(returns_updates: bool):
+    def hook(m, x, train):
+        module, variables = m
+        if not train:
+            return module.apply(variables, x, train=False)
+        y, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        return (y, updates) if returns_updates else y
+
+    return hook
+
+
+def test_verify_train_with_call_hooks() -> None:
+    """Hooks run with train=True; a linen hook that returns (y, updates) has its statistics compared too."""
+    src, x = model("mlp", "linen"), M.probe("mlp", "linen")
+    nnx_hook = lambda m, x, train: m(x)  # noqa: E731 (NNX: the engine sets .train()/.eval())
+    _, report = normbridge.convert(
+        src, model("mlp", "nnx", seed=5), probe=x, verify="train", call=(_linen_hook(True), nnx_hook)
+    )
+    assert report.verified and report.train.mode == "train (outputs, updated statistics)" and report.train.bitwise
+    assert report.gradients.bitwise and "11 parameter arrays" in report.gradients.mode
+    _, report = normbridge.convert(
+        src, model("mlp", "nnx", seed=5), probe=x, verify="train", call=(_linen_hook(False), None)
+    )
+    assert report.verified and report.train.mode == "train (outputs)" and report.gradients.bitwise
+    assert any("updated statistics not compared: the source call hook returns no state" in n for n in report.notes)
 
 
 def test_verify_train_refuses_flax_to_equinox_batch_norm_and_says_why() -> None:
