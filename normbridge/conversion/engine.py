@@ -102,6 +102,158 @@ def _split_probe(probe: Any) -> tuple[Any, Any]:
     return probe, probe
 
 
+# --------------------------------------------------------------------------- probes
+
+#: Batch size and (per spatial dim, at least) image size of a probe built from parameter shapes.
+PROBE_BATCH, PROBE_SPATIAL = 2, 8
+#: Seed of the random normal values (random integer tokens) of a built probe.
+PROBE_SEED = 0
+_MAX_PROBE_TRIES = 12
+
+
+def _family(framework: str) -> str:
+    return "equinox" if framework == "equinox" else "flax"
+
+
+def _in_layout(x: Any, framework: str) -> Any:
+    """A flax-layout probe (batched, channels last) as ``framework`` takes it: Equinox images channels first
+    (``jax.vmap`` gives each example to the model)."""
+    return jnp.moveaxis(x, -1, 1) if framework == "equinox" and x.ndim >= 3 else x
+
+
+def _probe_error(obj: Any, probe: Any, call: Callable | None) -> str | None:
+    """Why ``obj`` cannot be traced on ``probe`` (an abstract ``jax.eval_shape`` run), or ``None`` when it runs
+    and records layer calls."""
+    fw = framework_of(obj)
+    try:
+        calls = spoke_for(fw).trace(_materialized(obj) if fw in ("linen", "equinox") else obj, probe, call)
+    except Exception as err:  # the user's model rejected this input
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    return None if calls else "no layer calls recorded"
+
+
+def _layout_probes(source: Any, like: Any, probe: Any, calls: tuple, notes: list[str], problems: list[str]) -> tuple:
+    """One probe for two frameworks of different input layouts (Equinox: channels first, one example per call;
+    the flax family: batched, channels last): the side it does not run on gets it in the other layout."""
+    sides = [framework_of(source), framework_of(like)]
+    if _family(sides[0]) == _family(sides[1]) or not hasattr(probe, "ndim") or probe.ndim < 3:
+        return probe, probe
+    out = [probe, probe]
+    for i, (obj, label) in enumerate(((source, "source"), (like, "like"))):
+        if _probe_error(obj, probe, calls[i]) is None:
+            continue
+        to_eqx = sides[i] == "equinox"
+        moved = jnp.moveaxis(probe, -1, 1) if to_eqx else jnp.moveaxis(probe, 1, -1)
+        how = "last -> first (Equinox layout)" if to_eqx else "first -> last (flax layout)"
+        err = _probe_error(obj, moved, calls[i])
+        if err is None:
+            out[i] = moved
+            notes.append(f"probe for {label} ({sides[i]}): the given probe {tuple(probe.shape)} with channels {how}")
+        else:
+            problems.append(f"{label} ({sides[i]}): also tried the probe with channels {how}: {err}")
+    return tuple(out)
+
+
+def _candidate_specs(obj: Any) -> list[tuple[tuple[int, ...], Any, int | None, str]]:
+    """Inputs ``(flax-layout shape, dtype, token range or None, from which layer)`` that the layers of ``obj``
+    could take first, in the order the spoke lists them: Dense/Linear ``(N, in)``; Conv/ConvTranspose
+    ``(N, S.., in)``; Embed integer tokens ``(N, L)``; attention ``(N, L, D)``; a norm layer ``(N, C)``. ``L``
+    from the model's bare parameters (a ``pos_embedding``'s length), else 4."""
+    from normbridge.conversion.base import record_arrays
+
+    fw = framework_of(obj)
+    if fw == "linen":
+        layers = _linen_layers_from_params(obj[1].get("params", {}))
+    else:
+        try:
+            layers = {p: (layer.kind, record_arrays(layer.record)) for p, layer in spoke_for(fw).layers(obj).items()}
+        except Exception:  # nothing to learn from this side
+            return []
+    lengths = []
+    for kind, arrays in layers.values():
+        if kind == "param":
+            lengths += [d for d in np.shape(arrays.get("value"))[:-1] if 1 < d <= 1024]
+    lengths = list(dict.fromkeys([*lengths, 4]))
+    n, out = PROBE_BATCH, []
+
+    def floating(v: Any) -> Any:
+        dt = jnp.result_type(v)
+        return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+
+    for path, (kind, arrays) in layers.items():
+        where = f"{path!r} ({kind})"
+        kernel = arrays.get("kernel")
+        if kind in ("dense", "dense_general") and kernel is not None:
+            out.append(((n, np.shape(kernel)[0]), floating(kernel), None, where))
+        elif kind in ("conv", "conv_transpose") and kernel is not None and np.ndim(kernel) >= 3:
+            size = max(PROBE_SPATIAL, 2 * max(np.shape(kernel)[:-2]))
+            out.append(((n, *[size] * (np.ndim(kernel) - 2), np.shape(kernel)[-2]), floating(kernel), None, where))
+        elif kind == "embed" and "embedding" in arrays:
+            vocab = np.shape(arrays["embedding"])[0]
+            out += [((n, length), jnp.int32, vocab, where) for length in lengths]
+        elif kind == "attention" and "query/kernel" in arrays:
+            q = arrays["query/kernel"]
+            out += [((n, length, np.shape(q)[0]), floating(q), None, where) for length in lengths]
+        elif kind in NORM_KINDS and arrays.get("scale") is not None and np.ndim(arrays["scale"]) == 1:
+            out.append(((n, np.shape(arrays["scale"])[0]), floating(arrays["scale"]), None, where))
+    return out
+
+
+def _linen_layers_from_params(params: Any, prefix: str = "") -> dict[str, tuple[str, dict[str, Any]]]:
+    """A linen model's layers cannot be listed without running it: guesses from its ``params`` tree alone
+    (only to build probe candidates): a dict with a ``kernel`` is a Dense (2-D) or Conv, one with an
+    ``embedding`` an Embed, a bare array a ``param``."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    if not isinstance(params, Mapping):
+        return out
+    for name, value in params.items():
+        path = f"{prefix}/{name}" if prefix else str(name)
+        if isinstance(value, Mapping):
+            if hasattr(value.get("kernel"), "shape"):
+                out[path] = ("dense" if np.ndim(value["kernel"]) == 2 else "conv", {"kernel": value["kernel"]})
+            elif hasattr(value.get("embedding"), "shape"):
+                out[path] = ("embed", {"embedding": value["embedding"]})
+            else:
+                out.update(_linen_layers_from_params(value, path))
+        elif hasattr(value, "shape"):
+            out[path] = ("param", {"value": value})
+    return out
+
+
+def _built_probes(source: Any, like: Any, calls: tuple, notes: list[str], tried: list[str]) -> tuple[Any, Any]:
+    """A probe built from the parameter shapes of the layers (see :func:`_candidate_specs`; sides whose layers
+    are listed without running them first): the first candidate both models run on (abstractly) and record
+    calls. Random normal values (integer tokens) from :data:`PROBE_SEED`; the Equinox side gets the same data
+    channels first. ``(None, None)`` when none runs; ``tried`` says what was tried and why it failed."""
+    objs = (source, like)
+    order = sorted(range(2), key=lambda i: framework_of(objs[i]) == "linen")
+    specs: dict[tuple, str] = {}
+    for i in order:
+        for shape, dtype, vocab, where in _candidate_specs(objs[i]):
+            specs.setdefault((shape, jnp.dtype(dtype).name, vocab), f"{('source', 'like')[i]} {where}")
+    key = jax.random.key(PROBE_SEED)
+    for (shape, dtype, vocab), where in list(specs.items())[:_MAX_PROBE_TRIES]:
+        x = jax.random.randint(key, shape, 0, vocab, dtype) if vocab else jax.random.normal(key, shape, dtype)
+        probes = tuple(_in_layout(x, framework_of(obj)) for obj in objs)
+        errors = []
+        for i, label in enumerate(("source", "like")):
+            err = _probe_error(objs[i], probes[i], calls[i])
+            if err is not None:
+                errors.append(f"{label}: {err}")
+                break
+        what = f"{shape} {dtype}" + (f" tokens in [0, {vocab})" if vocab else "")
+        if not errors:
+            moved = "".join(
+                f"; {label} gets it channels first: {tuple(p.shape)}"
+                for label, p in zip(("source", "like"), probes)
+                if p.shape != x.shape
+            )
+            notes.append(f"probe built from parameter shapes: {what} (from {where}){moved}")
+            return probes
+        tried.append(f"{what} (from {where}): {errors[0]}")
+    return None, None
+
+
 # --------------------------------------------------------------------------- one side
 
 
@@ -331,15 +483,30 @@ class _Plan:
     notes: list[str]
     suggestion: dict[str, Any]
     hyper: dict[str, list[tuple[str, Any, Any, bool]]]
+    probe_tried: list[str] = dataclasses.field(default_factory=list)  # built-probe candidates that did not run
 
 
-def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any, call: Any, on_mismatch: str) -> _Plan:
+def _plan(
+    source: Any,
+    like: Any,
+    mapping: Mapping[str, Any] | None,
+    probe: Any,
+    call: Any,
+    on_mismatch: str,
+    build_probe: bool = False,
+) -> _Plan:
     if on_mismatch not in ("refuse", "keep_like"):
         raise ValueError(f"on_mismatch must be 'refuse' or 'keep_like', got {on_mismatch!r}")
     problems: list[str] = []
     notes: list[str] = []
-    sprobe, tprobe = _split_probe(probe)
     scall, tcall = call if call is not None else (None, None)
+    tried: list[str] = []
+    if probe is None and build_probe:
+        sprobe, tprobe = _built_probes(source, like, (scall, tcall), notes, tried)
+    elif _split_probe(probe)[0] is _split_probe(probe)[1] and probe is not None:
+        sprobe, tprobe = _layout_probes(source, like, probe, (scall, tcall), notes, problems)
+    else:
+        sprobe, tprobe = _split_probe(probe)
     src = _side("source", source, sprobe, scall, problems)
     tgt = _side("like", like, tprobe, tcall, problems)
     pairs, skip_s, skip_t = _apply_mapping(src, tgt, dict(mapping or {}), problems)
@@ -399,7 +566,7 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
             if tgt.layers[t].kind == src.layers[p].kind and tgt.layers[t].shapes == src.layers[p].shapes
         ]
         suggestion[p] = cands[0] if len(cands) == 1 else None
-    return _Plan(src, tgt, good, problems, notes, suggestion, hyper)
+    return _Plan(src, tgt, good, problems, notes, suggestion, hyper, tried)
 
 
 #: Equinox norm layers with one ``channelwise_affine`` switch for scale and bias together.
@@ -798,28 +965,56 @@ def convert(
     ``like`` gives the target's architecture and layer classes (its values are replaced; abstract
     ``eval_shape`` values are fine); the target has ``like``'s structure, and nothing passed in is
     mutated. ``mapping``: ``{source path: target path}`` pairs that take precedence (``None`` skips
-    a layer; ``"re:<regex>"`` keys; see the module docstring). ``probe``: an input batch, or
-    ``(probe_for_source, probe_for_like)`` when the two take different layouts (Equinox: channels
-    first); needed to pair by execution order, for linen
-    models, and to verify. ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the
-    default way of calling a model does not apply (``None`` entries keep the default).
-    ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise
-    among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``"train"`` also runs one
-    train-mode forward pass on both sides and compares its outputs and every paired norm layer's
-    updated statistics (gradients are not compared); ``False`` converts unverified (the report says
-    so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters (eps, momentum,
-    groups, ``use_fast_variance``, dtype, ...) differ, keeping like's; the report records it and the
-    measured output change.
+    a layer; ``"re:<regex>"`` keys; see the module docstring).
+
+    ``probe``: an input batch, or ``(probe_for_source, probe_for_like)``; needed to pair by execution
+    order, for linen models, and to verify. One array for two frameworks of different input layouts
+    (Equinox: channels first, one example per call under ``jax.vmap``; the flax family: batched, channels
+    last) is given as is to the side it runs on and with its channel axis moved (``-1 <-> 1``) to the other
+    side (the report notes it). Without a probe and with ``verify`` on, one is built from the layers'
+    parameter shapes: candidates ``(2, in)`` for a Dense/Linear, ``(2, S.., in)`` images for a Conv
+    (``S = max(8, 2 * kernel)``), integer tokens ``(2, L)`` for an Embed (``L`` from a bare parameter such
+    as a ``pos_embedding``, else 4), ``(2, L, D)`` for attention, ``(2, C)`` for a norm layer, in the order
+    the non-linen side lists its layers; the first that both models run on abstractly (``jax.eval_shape``)
+    and that records layer calls is used, with random normal values (random tokens) from a fixed key, and
+    the report says ``probe built from parameter shapes: <shape> <dtype>``; if none runs, the refusal lists
+    what was tried. A wrong guess cannot make a conversion silently wrong: both models are still run on it
+    and compared, and every pair still passes its shape checks; at worst a correct conversion is refused
+    (pass a probe). With ``verify=False`` no probe is built (pairing by names only; linen needs one).
+
+    ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the default way of calling a model
+    does not apply (``None`` entries keep the default).
+
+    ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise among
+    linen/NNX/treex without attention, else ``CROSS_RTOL`` relative to the largest output); ``"train"``
+    also checks one training step: a train-mode forward pass (outputs, and every paired norm layer's
+    updated statistics: bitwise between linen and NNX, else ``CROSS_RTOL``), and the gradients of
+    ``sum(output * c)`` (``c`` a fixed random cotangent, :data:`COTANGENT_SEED`, the same on both sides)
+    with respect to every paired layer's parameters: the source's gradients are mapped into ``like``'s
+    layout by the same per-pair conversion as its parameters and compared with the target's own (bitwise
+    where the eval outputs must be, else ``CROSS_RTOL`` of the layer's largest gradient; ``report.gradients``
+    with the worst paths). Arrays only one framework differentiates (native NNX ``WeightNorm`` scales are
+    not ``nnx.Param``) and SpectralNorm/WeightNorm across families (a reparametrisation) are noted, not
+    compared. With ``call=`` hooks, train mode calls ``fn(model, x, True)``; a linen hook returns
+    ``apply(..., mutable=[...])``'s ``(y, updates)`` and an Equinox hook ``(y, state)`` for the updated
+    statistics to be compared (otherwise a note says they were not; NNX and treex update in place).
+    ``False`` converts unverified (the report says so). ``on_mismatch="keep_like"`` converts even when a
+    layer's hyper-parameters (eps, momentum, groups, ``use_fast_variance``, dtype, ...) differ, keeping
+    like's; the report records it and the measured output change.
 
     Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
     mismatched layers; a refused verification with the measured difference).
     """
     if verify not in (True, False, "train"):
         raise ValueError(f"verify must be True, False or 'train', got {verify!r}")
-    plan = _plan(source, like, mapping, probe, call, on_mismatch)
+    plan = _plan(source, like, mapping, probe, call, on_mismatch, build_probe=bool(verify))
     src, tgt = plan.src, plan.tgt
     if verify and (src.probe is None or tgt.probe is None):
-        plan.problems.append("verify=True needs an input: pass probe= (or verify=False for an unverified conversion)")
+        tried = "".join(f"\n    tried {t}" for t in plan.probe_tried) or " none (no Dense, Conv, Embed layer found)"
+        plan.problems.append(
+            "verify=True needs an input: pass probe= (or verify=False for an unverified conversion); no probe "
+            f"could be built from the parameter shapes:{tried}"
+        )
     if plan.problems:
         raise ConversionError(
             f"normbridge.convert ({src.framework} -> {tgt.framework}) refused",

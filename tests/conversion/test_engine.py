@@ -247,6 +247,41 @@ def test_without_probe_equal_names_pair_and_linen_asks_for_a_probe() -> None:
     assert "a linen model's layers exist only while it runs: pass probe=" in str(err.value)
 
 
+@pytest.mark.parametrize("arch,a,b", [("mlp", "linen", "nnx"), ("resnet", "linen", "equinox")])
+def test_without_probe_a_probe_is_built_from_parameter_shapes(arch: str, a: str, b: str) -> None:
+    """No probe: built from the first layers' parameter shapes (NnxResNet/EqxResNet define their Linear head
+    first: its (N, 4) input does not run, conv_init's image does); the outputs are then checked on the test's
+    own inputs, with each framework's API."""
+    src = model(arch, a)
+    tgt, report = normbridge.convert(src, model(arch, b, seed=5))
+    assert report.verified, str(report)
+    want = {
+        "mlp": "probe built from parameter shapes: (2, 6) float32 (from like 'dense1' (dense))",
+        "resnet": "probe built from parameter shapes: (2, 8, 8, 3) float32 (from like 'conv_init' (conv)); "
+        "like gets it channels first: (2, 3, 8, 8)",
+    }[arch]
+    assert want in report.notes and want in str(report)
+    _check_outputs(arch, a, src, b, tgt)
+
+
+def test_one_probe_for_two_layouts_is_given_to_equinox_channels_first() -> None:
+    src = model("resnet", "linen")
+    tgt, report = normbridge.convert(src, model("resnet", "equinox", seed=5), probe=M.probe("resnet", "linen"))
+    assert report.verified
+    assert "probe for like (equinox): the given probe (2, 6, 6, 3) with channels last -> first" in str(report)
+    _check_outputs("resnet", "linen", src, "equinox", tgt)
+
+
+def test_no_probe_that_runs_is_refused_listing_what_was_tried() -> None:
+    module = NeedsMask()
+    variables = module.init(jax.random.key(0), M.features(), jnp.ones((1, 3)))
+    with pytest.raises(normbridge.ConversionError) as err:
+        normbridge.convert((module, variables), (module, variables))
+    text = str(err.value)
+    assert "verify=True needs an input: pass probe=" in text
+    assert "tried (2, 6) float32 (from source 'Dense_0' (dense)): source: TypeError" in text
+
+
 def test_unverified_conversion_says_so() -> None:
     _, report = normbridge.convert(model("mlp", "nnx"), model("mlp", "nnx", "facade", seed=5), verify=False)
     assert report.verification is None and not report.verified
