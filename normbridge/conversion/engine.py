@@ -887,8 +887,8 @@ def _verify_gradients(plan: _Plan, target: Any, reordered: bool, ys: Any) -> tup
             elif ps or pt:
                 one, other = (src, tgt) if ps else (tgt, src)
                 notes.append(
-                    f"train: gradient of {t}/{k} not compared: a parameter in {one.framework}, not in "
-                    f"{other.framework} (which does not differentiate it)"
+                    f"train: gradient of {t}/{k} not compared: a parameter of the {one.label} ({one.framework}) "
+                    f"but not of {other.label} ({other.framework}), which does not differentiate it"
                 )
         return out
 

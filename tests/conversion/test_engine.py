@@ -399,6 +399,17 @@ def test_verify_train_refuses_a_target_whose_gradients_differ() -> None:
     assert set(measured.worst) <= {"dense1/kernel", "dense1/bias"} and "dense1/kernel" in measured.worst
 
 
+def test_verify_train_notes_an_array_only_one_framework_differentiates() -> None:
+    """Native nnx.WeightNorm keeps its scales as plain arrays (not nnx.Param: nnx.grad skips them), linen's are
+    params: that gradient exists on one side only and is noted; every other gradient is compared, bitwise."""
+    like = model("sngn", "nnx", seed=5)
+    assert not isinstance(like.wn.scales[("kernel",)], nnx.Variable)  # measured on flax 0.12.8
+    _, report = normbridge.convert(model("sngn", "linen"), like, probe=M.probe("sngn", "linen"), verify="train")
+    assert report.verified and report.gradients.bitwise and "8 parameter arrays of 4 layers" in report.gradients.mode
+    note = "gradient of wn/weight_scales/kernel not compared: a parameter of the source (linen) but not of like (nnx)"
+    assert any(note in n for n in report.notes), report.notes
+
+
 def _linen_hook(returns_updates: bool):
     def hook(m, x, train):
         module, variables = m
