@@ -166,7 +166,8 @@ def _candidate_specs(obj: Any) -> list[tuple[tuple[int, ...], Any, int | None, s
         layers = _linen_layers_from_params(obj[1].get("params", {}))
     else:
         try:
-            layers = {p: (layer.kind, record_arrays(layer.record)) for p, layer in spoke_for(fw).layers(obj).items()}
+            listed = spoke_for(fw).layers(_materialized(obj) if fw == "equinox" else obj)
+            layers = {p: (layer.kind, record_arrays(layer.record)) for p, layer in listed.items()}
         except Exception:  # nothing to learn from this side
             return []
     lengths = []
