@@ -165,9 +165,11 @@ class Spoke:
     def run(self, model: Any, x: Any, train: bool, call: Callable | None) -> Any:
         return (call or self.call)(model, x, train)
 
-    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
-        """``(train-mode output, the model with its updated statistics)``: one forward pass in train mode with
-        the default call convention; ``model`` itself is not changed."""
+    def train_step(self, model: Any, x: Any, call: Callable | None = None) -> tuple[Any, Any]:
+        """``(train-mode output, the model with its updated statistics)``: one forward pass in train mode (the
+        default call convention, or ``call(model, x, True)``); ``model`` itself is not changed. With a hook on a
+        functional framework (linen, Equinox) the updated statistics are the model's only when the hook returns
+        them (``(y, updates)`` / ``(y, state)``); else the second item is ``None``."""
         raise NotImplementedError
 
     def runner(self, model: Any, call: Callable | None) -> Callable[[Any], Any]:

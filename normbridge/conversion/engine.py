@@ -111,6 +111,159 @@ def _split_probe(probe: Any) -> tuple[Any, Any]:
     return probe, probe
 
 
+# --------------------------------------------------------------------------- probes
+
+#: Batch size and (per spatial dim, at least) image size of a probe built from parameter shapes.
+PROBE_BATCH, PROBE_SPATIAL = 2, 8
+#: Seed of the random normal values (random integer tokens) of a built probe.
+PROBE_SEED = 0
+_MAX_PROBE_TRIES = 12
+
+
+def _family(framework: str) -> str:
+    return "equinox" if framework == "equinox" else "flax"
+
+
+def _in_layout(x: Any, framework: str) -> Any:
+    """A flax-layout probe (batched, channels last) as ``framework`` takes it: Equinox images channels first
+    (``jax.vmap`` gives each example to the model)."""
+    return jnp.moveaxis(x, -1, 1) if framework == "equinox" and x.ndim >= 3 else x
+
+
+def _probe_error(obj: Any, probe: Any, call: Callable | None) -> str | None:
+    """Why ``obj`` cannot be traced on ``probe`` (an abstract ``jax.eval_shape`` run), or ``None`` when it runs
+    and records layer calls."""
+    fw = framework_of(obj)
+    try:
+        calls = spoke_for(fw).trace(_materialized(obj) if fw in ("linen", "equinox") else obj, probe, call)
+    except Exception as err:  # the user's model rejected this input
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    return None if calls else "no layer calls recorded"
+
+
+def _layout_probes(source: Any, like: Any, probe: Any, calls: tuple, notes: list[str], problems: list[str]) -> tuple:
+    """One probe for two frameworks of different input layouts (Equinox: channels first, one example per call;
+    the flax family: batched, channels last): the side it does not run on gets it in the other layout."""
+    sides = [framework_of(source), framework_of(like)]
+    if _family(sides[0]) == _family(sides[1]) or not hasattr(probe, "ndim") or probe.ndim < 3:
+        return probe, probe
+    out = [probe, probe]
+    for i, (obj, label) in enumerate(((source, "source"), (like, "like"))):
+        if _probe_error(obj, probe, calls[i]) is None:
+            continue
+        to_eqx = sides[i] == "equinox"
+        moved = jnp.moveaxis(probe, -1, 1) if to_eqx else jnp.moveaxis(probe, 1, -1)
+        how = "last -> first (Equinox layout)" if to_eqx else "first -> last (flax layout)"
+        err = _probe_error(obj, moved, calls[i])
+        if err is None:
+            out[i] = moved
+            notes.append(f"probe for {label} ({sides[i]}): the given probe {tuple(probe.shape)} with channels {how}")
+        else:
+            problems.append(f"{label} ({sides[i]}): also tried the probe with channels {how}: {err}")
+    return tuple(out)
+
+
+def _candidate_specs(obj: Any) -> list[tuple[tuple[int, ...], Any, int | None, str]]:
+    """Inputs ``(flax-layout shape, dtype, token range or None, from which layer)`` that the layers of ``obj``
+    could take first, in the order the spoke lists them: Dense/Linear ``(N, in)``; Conv/ConvTranspose
+    ``(N, S.., in)``; Embed integer tokens ``(N, L)``; attention ``(N, L, D)``; a norm layer ``(N, C)``. ``L``
+    from the model's bare parameters (a ``pos_embedding``'s length), else 4."""
+    from normbridge.conversion.base import record_arrays
+
+    fw = framework_of(obj)
+    if fw == "linen":
+        layers = _linen_layers_from_params(obj[1].get("params", {}))
+    else:
+        try:
+            listed = spoke_for(fw).layers(_materialized(obj) if fw == "equinox" else obj)
+            layers = {p: (layer.kind, record_arrays(layer.record)) for p, layer in listed.items()}
+        except Exception:  # nothing to learn from this side
+            return []
+    lengths = []
+    for kind, arrays in layers.values():
+        if kind == "param":
+            lengths += [d for d in np.shape(arrays.get("value"))[:-1] if 1 < d <= 1024]
+    lengths = list(dict.fromkeys([*lengths, 4]))
+    n, out = PROBE_BATCH, []
+
+    def floating(v: Any) -> Any:
+        dt = jnp.result_type(v)
+        return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+
+    for path, (kind, arrays) in layers.items():
+        where = f"{path!r} ({kind})"
+        kernel = arrays.get("kernel")
+        if kind in ("dense", "dense_general") and kernel is not None:
+            out.append(((n, np.shape(kernel)[0]), floating(kernel), None, where))
+        elif kind in ("conv", "conv_transpose") and kernel is not None and np.ndim(kernel) >= 3:
+            size = max(PROBE_SPATIAL, 2 * max(np.shape(kernel)[:-2]))
+            out.append(((n, *[size] * (np.ndim(kernel) - 2), np.shape(kernel)[-2]), floating(kernel), None, where))
+        elif kind == "embed" and "embedding" in arrays:
+            vocab = np.shape(arrays["embedding"])[0]
+            out += [((n, length), jnp.int32, vocab, where) for length in lengths]
+        elif kind == "attention" and "query/kernel" in arrays:
+            q = arrays["query/kernel"]
+            out += [((n, length, np.shape(q)[0]), floating(q), None, where) for length in lengths]
+        elif kind in NORM_KINDS and arrays.get("scale") is not None and np.ndim(arrays["scale"]) == 1:
+            out.append(((n, np.shape(arrays["scale"])[0]), floating(arrays["scale"]), None, where))
+    return out
+
+
+def _linen_layers_from_params(params: Any, prefix: str = "") -> dict[str, tuple[str, dict[str, Any]]]:
+    """A linen model's layers cannot be listed without running it: guesses from its ``params`` tree alone
+    (only to build probe candidates): a dict with a ``kernel`` is a Dense (2-D) or Conv, one with an
+    ``embedding`` an Embed, a bare array a ``param``."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    if not isinstance(params, Mapping):
+        return out
+    for name, value in params.items():
+        path = f"{prefix}/{name}" if prefix else str(name)
+        if isinstance(value, Mapping):
+            if hasattr(value.get("kernel"), "shape"):
+                out[path] = ("dense" if np.ndim(value["kernel"]) == 2 else "conv", {"kernel": value["kernel"]})
+            elif hasattr(value.get("embedding"), "shape"):
+                out[path] = ("embed", {"embedding": value["embedding"]})
+            else:
+                out.update(_linen_layers_from_params(value, path))
+        elif hasattr(value, "shape"):
+            out[path] = ("param", {"value": value})
+    return out
+
+
+def _built_probes(source: Any, like: Any, calls: tuple, notes: list[str], tried: list[str]) -> tuple[Any, Any]:
+    """A probe built from the parameter shapes of the layers (see :func:`_candidate_specs`; sides whose layers
+    are listed without running them first): the first candidate both models run on (abstractly) and record
+    calls. Random normal values (integer tokens) from :data:`PROBE_SEED`; the Equinox side gets the same data
+    channels first. ``(None, None)`` when none runs; ``tried`` says what was tried and why it failed."""
+    objs = (source, like)
+    order = sorted(range(2), key=lambda i: framework_of(objs[i]) == "linen")
+    specs: dict[tuple, str] = {}
+    for i in order:
+        for shape, dtype, vocab, where in _candidate_specs(objs[i]):
+            specs.setdefault((shape, jnp.dtype(dtype).name, vocab), f"{('source', 'like')[i]} {where}")
+    key = jax.random.key(PROBE_SEED)
+    for (shape, dtype, vocab), where in list(specs.items())[:_MAX_PROBE_TRIES]:
+        x = jax.random.randint(key, shape, 0, vocab, dtype) if vocab else jax.random.normal(key, shape, dtype)
+        probes = tuple(_in_layout(x, framework_of(obj)) for obj in objs)
+        errors = []
+        for i, label in enumerate(("source", "like")):
+            err = _probe_error(objs[i], probes[i], calls[i])
+            if err is not None:
+                errors.append(f"{label}: {err}")
+                break
+        what = f"{shape} {dtype}" + (f" tokens in [0, {vocab})" if vocab else "")
+        if not errors:
+            moved = "".join(
+                f"; {label} gets it channels first: {tuple(p.shape)}"
+                for label, p in zip(("source", "like"), probes)
+                if p.shape != x.shape
+            )
+            notes.append(f"probe built from parameter shapes: {what} (from {where}){moved}")
+            return probes
+        tried.append(f"{what} (from {where}): {errors[0]}")
+    return None, None
+
+
 # --------------------------------------------------------------------------- one side
 
 
@@ -450,15 +603,30 @@ class _Plan:
     notes: list[str]
     suggestion: dict[str, Any]
     hyper: dict[str, list[tuple[str, Any, Any, bool]]]
+    probe_tried: list[str] = dataclasses.field(default_factory=list)  # built-probe candidates that did not run
 
 
-def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any, call: Any, on_mismatch: str) -> _Plan:
+def _plan(
+    source: Any,
+    like: Any,
+    mapping: Mapping[str, Any] | None,
+    probe: Any,
+    call: Any,
+    on_mismatch: str,
+    build_probe: bool = False,
+) -> _Plan:
     if on_mismatch not in ("refuse", "keep_like"):
         raise ValueError(f"on_mismatch must be 'refuse' or 'keep_like', got {on_mismatch!r}")
     problems: list[str] = []
     notes: list[str] = []
-    sprobe, tprobe = _split_probe(probe)
     scall, tcall = call if call is not None else (None, None)
+    tried: list[str] = []
+    if probe is None and build_probe:
+        sprobe, tprobe = _built_probes(source, like, (scall, tcall), notes, tried)
+    elif _split_probe(probe)[0] is _split_probe(probe)[1] and probe is not None:
+        sprobe, tprobe = _layout_probes(source, like, probe, (scall, tcall), notes, problems)
+    else:
+        sprobe, tprobe = _split_probe(probe)
     src = _side("source", source, sprobe, scall, problems)
     tgt = _side("like", like, tprobe, tcall, problems)
     pairs, skip_s, skip_t = _apply_mapping(src, tgt, dict(mapping or {}), problems)
@@ -526,7 +694,7 @@ def _plan(source: Any, like: Any, mapping: Mapping[str, Any] | None, probe: Any,
             if tgt.layers[t].kind == src.layers[p].kind and tgt.layers[t].shapes == src.layers[p].shapes
         ]
         suggestion[p] = cands[0] if len(cands) == 1 else None
-    return _Plan(src, tgt, good, problems, notes, suggestion, hyper)
+    return _Plan(src, tgt, good, problems, notes, suggestion, hyper, tried)
 
 
 #: Equinox norm layers with one ``channelwise_affine`` switch for scale and bias together.
@@ -658,16 +826,21 @@ def _eval_why(plan: _Plan) -> list[str]:
 def _train_why(plan: _Plan) -> list[str]:
     """Known reasons why train mode differs although eval mode agrees."""
     fws = {plan.src.framework, plan.tgt.framework}
-    if (
-        "equinox" in fws
-        and fws != {"equinox"}
-        and any(plan.src.layers[s].kind == "batch_norm" for s, _, _ in plan.pairs)
-    ):
-        return [
+    if "equinox" not in fws or fws == {"equinox"}:
+        return []
+    kinds = {plan.src.layers[s].kind for s, _, _ in plan.pairs}
+    why = []
+    if "batch_norm" in kinds:
+        why.append(
             "equinox BatchNorm mode='ema' normalises with its running statistics in training once they are "
             "populated, flax-family BatchNorm with the batch's: eval behaviour converts, train behaviour does not"
-        ]
-    return []
+        )
+    if "spectral_norm" in kinds:
+        why.append(
+            "equinox SpectralNorm iterates from its stored (u, v) in training, flax from u: eval behaviour "
+            "converts, train behaviour does not"
+        )
+    return why
 
 
 def _refuse_if_differs(
@@ -691,34 +864,216 @@ def _refuse_if_differs(
     )
 
 
-def _verify_train(plan: _Plan, target: Any, reordered: bool) -> Verification:
-    """One train-mode forward pass on both sides: outputs, and every paired norm layer's updated state."""
+def _verify_train(plan: _Plan, target: Any, reordered: bool) -> tuple[Verification, Verification | None, list[str]]:
+    """One training step on both sides: ``(train outputs and updated statistics, gradients, notes)``.
+
+    A train-mode forward pass compares the outputs and every paired norm layer's updated state; then
+    :func:`_verify_gradients`. Call hooks run with ``train=True``; a linen/Equinox hook returns its updated
+    state as ``(y, updates)`` / ``(y, state)``, else the statistics are not compared (a note says so)."""
     from normbridge.conversion.base import record_arrays
 
     src, tgt = plan.src, plan.tgt
-    if src.call is not None or tgt.call is not None:
-        raise ConversionError("verify='train' uses the default call conventions; it cannot run with call= hooks")
-    ys, src_after = src.spoke.train_step(src.obj, src.probe)
-    yt, tgt_after = tgt.spoke.train_step(target, tgt.probe)
-    sl, tl = src.spoke.layers(src_after, src.probe), tgt.spoke.layers(tgt_after, tgt.probe)
+    notes: list[str] = []
+    ys, src_after = src.spoke.train_step(src.obj, src.probe, src.call)
+    yt, tgt_after = tgt.spoke.train_step(target, tgt.probe, tgt.call)
     a: dict[str, Any] = {"output": yt}
     b: dict[str, Any] = {"output": ys}
-    for s, t, _ in plan.pairs:
-        if src.layers[s].kind not in NORM_KINDS:
-            continue
-        ra, rb = record_arrays(tl[t].record), record_arrays(sl[s].record)
-        for k in sorted(set(ra) & set(rb) - {"count"}):
-            if np.shape(ra[k]) == np.shape(rb[k]) or np.size(ra[k]) == np.size(rb[k]):
-                a[f"{t}/{k}"], b[f"{t}/{k}"] = np.reshape(np.asarray(ra[k]), np.shape(rb[k])), rb[k]
+    stats = src_after is not None and tgt_after is not None
+    if stats:
+        sl, tl = src.spoke.layers(src_after, src.probe, src.call), tgt.spoke.layers(tgt_after, tgt.probe, tgt.call)
+        for s, t, _ in plan.pairs:
+            if src.layers[s].kind not in NORM_KINDS:
+                continue
+            ra, rb = record_arrays(tl[t].record), record_arrays(sl[s].record)
+            for k in sorted(set(ra) & set(rb) - {"count"}):
+                if np.shape(ra[k]) == np.shape(rb[k]) or np.size(ra[k]) == np.size(rb[k]):
+                    a[f"{t}/{k}"], b[f"{t}/{k}"] = np.reshape(np.asarray(ra[k]), np.shape(rb[k])), rb[k]
+    elif any(src.layers[s].kind in NORM_KINDS for s, _, _ in plan.pairs):
+        which = " and ".join(side.label for side, after in ((src, src_after), (tgt, tgt_after)) if after is None)
+        notes.append(
+            f"train: updated statistics not compared: the {which} call hook returns no state (in train mode a "
+            "linen hook returns apply(..., mutable=...)'s (y, updates), an Equinox hook (y, state))"
+        )
+    mode = "train (outputs, updated statistics)" if stats else "train (outputs)"
     d = _compare(a, b)
     # treex updates statistics with its float32 momentum (1 - m rounds differently): bitwise only linen <-> NNX
     bitwise_required = {src.framework, tgt.framework} <= {"linen", "nnx"} and not reordered
     bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g}"
+    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves):
+        return Verification(mode, False, float("inf"), float("inf"), bound, False, d.failing_paths[:3]), None, notes
     max_abs = max((x.max_abs for x in d.leaves), default=0.0)
     max_rel = max((x.norm_rel for x in d.leaves), default=0.0)
     worst = () if d.bitwise else tuple(x.path for x in sorted(d.leaves, key=lambda x: -x.norm_rel)[:3] if x.max_abs > 0)
     passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
-    return Verification("train (outputs, updated statistics)", d.bitwise, max_abs, max_rel, bound, passed, worst)
+    train = Verification(mode, d.bitwise, max_abs, max_rel, bound, passed, worst)
+    grads, grad_notes = _verify_gradients(plan, target, reordered, ys)
+    return train, grads, notes + grad_notes
+
+
+#: Seed of the fixed random cotangent ``c`` of verify="train"'s scalar loss ``sum(output * c)`` (both sides).
+COTANGENT_SEED = 0
+
+
+def _loss_of_output(y: Any) -> Callable[[Any], Any]:
+    """``out -> sum(out * c)``: ``c`` random normal from :data:`COTANGENT_SEED`, shaped like the source output
+    ``y`` (the train outputs were compared first: both sides' outputs have these shapes)."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(y) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    keys = jax.random.split(jax.random.key(COTANGENT_SEED), max(len(leaves), 1))
+    cot = [jax.random.normal(k, np.shape(leaf), jnp.result_type(leaf)) for k, leaf in zip(keys, leaves)]
+
+    def loss(out: Any) -> Any:
+        outs = [leaf for leaf in jax.tree_util.tree_leaves(out) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+        return sum(jnp.sum(o * c).astype(jnp.float32) for o, c in zip(outs, cot))
+
+    return loss
+
+
+def _gradient_model(side: _Side, model: Any, loss: Callable[[Any], Any]) -> Any:
+    """``model`` with every parameter replaced by ``d loss(train-mode output) / d parameter`` and its state
+    before the step: a model of the side's framework, so its spoke lists the gradients in the canonical layout
+    and writes canonical gradients like parameters. Parameters/state and rebuilding come from
+    :func:`normbridge.testing._models.functional`; the train-mode call is the spoke's (or the side's hook)."""
+    from normbridge.testing._models import functional
+
+    f = functional(model)
+    grads = jax.grad(lambda p: loss(side.spoke.train_step(f.rebuild(p, f.state), side.probe, side.call)[0]))(f.params)
+    return f.rebuild(grads, f.state)
+
+
+def _parameter_fields(side: _Side, model: Any) -> set[tuple[str, str]]:
+    """``(layer path, canonical field)`` of the arrays the framework differentiates (its parameters: linen
+    ``params``, ``nnx.Param``, Equinox inexact arrays, treex ``Parameter``): found by rebuilding the model with
+    NaN parameters and listing it. Native NNX ``WeightNorm`` keeps its scales outside ``nnx.Param``, linen's are
+    params: such an array has a gradient on one side only."""
+    from normbridge.conversion.base import record_arrays
+    from normbridge.testing._models import functional
+
+    f = functional(model)
+
+    def nan(p: Any) -> Any:
+        return jnp.full_like(p, jnp.nan) if jnp.issubdtype(jnp.result_type(p), jnp.inexact) else p
+
+    marked = f.rebuild(jax.tree_util.tree_map(nan, f.params), f.state)
+    layers = _with_inner(spoke_for(side.framework).layers(marked, side.probe, side.call))
+    return {
+        (path, k)
+        for path, layer in layers.items()
+        for k, v in record_arrays(layer.record).items()
+        if jnp.issubdtype(jnp.result_type(v), jnp.inexact) and bool(np.all(np.isnan(np.asarray(v))))
+    }
+
+
+def _grad_fields(record: Any) -> list[str]:
+    """The arrays of a canonical record that are parameters (gradients are taken of them)."""
+    from normbridge.conversion.base import record_arrays
+
+    names = list(record_arrays(record))
+    if not isinstance(record, NormRecord):
+        return names
+    return [k for k in names if k in ("scale", "bias") or k.startswith("weight_scales/")]
+
+
+def _with_inner(layers: Mapping[str, Layer]) -> dict[str, Layer]:
+    out = dict(layers)
+    for layer in layers.values():
+        if layer.inner is not None:
+            out[layer.inner.path] = layer.inner
+    return out
+
+
+def _verify_gradients(plan: _Plan, target: Any, reordered: bool, ys: Any) -> tuple[Verification, list[str]]:
+    """Gradients of ``sum(train output * fixed cotangent)`` with respect to every paired layer's parameters.
+
+    The source's gradients go through the same per-pair conversion as its parameters (its spoke lists the
+    gradient model's canonical records, like's spoke writes them into the target's gradient model), and are
+    compared with the target's own gradients, read back through like's spoke, with
+    :func:`normbridge.testing.tree_diff`. Bound: bitwise where the eval outputs must be (flax family, no
+    attention), else ``CROSS_RTOL`` relative to the largest gradient of the same layer. A SpectralNorm/
+    WeightNorm converted across families (a reparametrisation, not a layout) is not compared (noted)."""
+    from normbridge.conversion.base import record_arrays
+
+    src, tgt = plan.src, plan.tgt
+    loss = _loss_of_output(ys)
+    gs = _gradient_model(src, src.obj, loss)
+    gt = _gradient_model(tgt, target, loss)
+    # fresh spokes: the gradient models are new objects (the linen spoke caches its traces by object id)
+    s_layers = spoke_for(src.framework).layers(gs, src.probe, src.call)
+    t_spoke = spoke_for(tgt.framework)
+    t_layers = t_spoke.layers(gt, tgt.probe, tgt.call)
+    s_params, t_params = _parameter_fields(src, src.obj), _parameter_fields(tgt, target)
+    records: dict[str, Any] = {}
+    fields: dict[str, tuple[str, list[str]]] = {}  # target path -> (its pair's target path, compared fields)
+    notes: list[str] = []
+    cross = src.spoke.family != tgt.spoke.family
+
+    def compared(s: str, t: str, record: Any) -> list[str]:
+        out = []
+        for k in _grad_fields(record):
+            ps, pt = (s, k) in s_params, (t, k) in t_params
+            if ps and pt:
+                out.append(k)
+            elif ps or pt:
+                one, other = (src, tgt) if ps else (tgt, src)
+                notes.append(
+                    f"train: gradient of {t}/{k} not compared: a parameter of the {one.label} ({one.framework}) "
+                    f"but not of {other.label} ({other.framework}), which does not differentiate it"
+                )
+        return out
+
+    for s, t, _ in plan.pairs:
+        a, b = s_layers[s], t_layers[t]
+        if a.kind in WRAPPER_KINDS and cross:
+            notes.append(
+                f"train: gradients of {s!r} -> {t!r} not compared ({a.kind} across frameworks is a "
+                "reparametrisation, not a layout change)"
+            )
+            continue
+        records[t], fields[t] = a.record, (t, compared(s, t, a.record))
+        if a.inner is not None and b.inner is not None:
+            inner = (t, compared(a.inner.path, b.inner.path, a.inner.record))
+            records[b.inner.path], fields[b.inner.path] = a.inner.record, inner
+
+    def adapt(path: str, record: Any, like_record: Any) -> Any:  # as convert's: like's kept hyper-parameters,
+        if not (isinstance(record, NormRecord) and isinstance(like_record, NormRecord)):  # and like's own
+            return record  # gradient where the source has no scale/bias (not compared)
+        keep = {f: getattr(like_record, f) for f, _, _, _ in plan.hyper.get(path, ()) if f in _HYPER}
+        fill = {k: getattr(like_record, k) for k in ("scale", "bias") if getattr(record, k) is None}
+        return record.replace(**keep, **{k: v for k, v in fill.items() if v is not None})
+
+    written = t_spoke.write(gt, records, t_layers, adapt)
+    mapped = _with_inner(spoke_for(tgt.framework).layers(written, tgt.probe, tgt.call))
+    own = _with_inner(t_layers)
+    a_tree: dict[str, Any] = {}
+    b_tree: dict[str, Any] = {}
+    layer_of: dict[str, str] = {}
+    for path, (pair_path, names) in fields.items():
+        ra, rb = record_arrays(own[path].record), record_arrays(mapped[path].record)
+        for k in names:
+            if k in ra and k in rb:
+                key = f"{path}/{k}"
+                a_tree[key], b_tree[key], layer_of[key] = ra[k], rb[k], pair_path
+    d = _compare(a_tree, b_tree)
+    bitwise_required = src.framework in FLAX_FAMILY and tgt.framework in FLAX_FAMILY and not reordered
+    bound = "bitwise" if bitwise_required else f"rel <= {CROSS_RTOL:g} of the layer's largest gradient"
+    n = len(set(layer_of.values()))
+    mode = f"train gradients ({len(a_tree)} parameter arrays of {n} layers)"
+    if not d.same_structure or any(not (x.same_shape and x.same_dtype) for x in d.leaves):
+        return Verification(mode, False, float("inf"), float("inf"), bound, False, d.failing_paths[:3]), notes
+    scale: dict[str, float] = collections.defaultdict(float)
+    for key, value in b_tree.items():
+        scale[layer_of[key]] = max(scale[layer_of[key]], float(np.max(np.abs(np.asarray(value)), initial=0.0)))
+    by_path = {x.path: x for x in d.leaves}
+
+    def rel(x: Any) -> float:
+        s = scale[layer_of.get(x.path, "")] if x.path in layer_of else 0.0
+        return 0.0 if x.max_abs == 0 else (x.max_abs / s if s > 0 else float("inf"))
+
+    rels = {p: rel(x) for p, x in by_path.items()}
+    max_abs = max((x.max_abs for x in d.leaves), default=0.0)
+    max_rel = max(rels.values(), default=0.0)
+    worst = () if d.bitwise else tuple(p for p in sorted(rels, key=lambda p: -rels[p])[:3] if rels[p] > 0)
+    passed = d.bitwise if bitwise_required else max_rel <= CROSS_RTOL
+    return Verification(mode, d.bitwise, max_abs, max_rel, bound, passed, worst), notes
 
 
 def convert(
@@ -740,18 +1095,42 @@ def convert(
     ``like`` gives the target's architecture and layer classes (its values are replaced; abstract
     ``eval_shape`` values are fine); the target has ``like``'s structure, and nothing passed in is
     mutated. ``mapping``: ``{source path: target path}`` pairs that take precedence (``None`` skips
-    a layer; ``"re:<regex>"`` keys; see the module docstring). ``probe``: an input batch, or
-    ``(probe_for_source, probe_for_like)`` when the two take different layouts (Equinox: channels
-    first); needed to pair by execution order, for linen
-    models, and to verify. ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the
-    default way of calling a model does not apply (``None`` entries keep the default).
-    ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise
-    among linen/NNX/treex without attention, else ``CROSS_RTOL``); ``"train"`` also runs one
-    train-mode forward pass on both sides and compares its outputs and every paired norm layer's
-    updated statistics (gradients are not compared); ``False`` converts unverified (the report says
-    so). ``on_mismatch="keep_like"`` converts even when a layer's hyper-parameters (eps, momentum,
-    groups, ``use_fast_variance``, dtype, ...) differ, keeping like's; the report records it and the
-    measured output change.
+    a layer; ``"re:<regex>"`` keys; see the module docstring).
+
+    ``probe``: an input batch, or ``(probe_for_source, probe_for_like)``; needed to pair by execution
+    order, for linen models, and to verify. One array for two frameworks of different input layouts
+    (Equinox: channels first, one example per call under ``jax.vmap``; the flax family: batched, channels
+    last) is given as is to the side it runs on and with its channel axis moved (``-1 <-> 1``) to the other
+    side (the report notes it). Without a probe and with ``verify`` on, one is built from the layers'
+    parameter shapes: candidates ``(2, in)`` for a Dense/Linear, ``(2, S.., in)`` images for a Conv
+    (``S = max(8, 2 * kernel)``), integer tokens ``(2, L)`` for an Embed (``L`` from a bare parameter such
+    as a ``pos_embedding``, else 4), ``(2, L, D)`` for attention, ``(2, C)`` for a norm layer, in the order
+    the non-linen side lists its layers; the first that both models run on abstractly (``jax.eval_shape``)
+    and that records layer calls is used, with random normal values (random tokens) from a fixed key, and
+    the report says ``probe built from parameter shapes: <shape> <dtype>``; if none runs, the refusal lists
+    what was tried. A wrong guess cannot make a conversion silently wrong: both models are still run on it
+    and compared, and every pair still passes its shape checks; at worst a correct conversion is refused
+    (pass a probe). With ``verify=False`` no probe is built (pairing by names only; linen needs one).
+
+    ``call=(source_fn, like_fn)``: ``fn(model, x, train) -> y`` where the default way of calling a model
+    does not apply (``None`` entries keep the default).
+
+    ``verify``: ``True`` runs both models in eval mode on the probe and compares outputs (bitwise among
+    linen/NNX/treex without attention, else ``CROSS_RTOL`` relative to the largest output); ``"train"``
+    also checks one training step: a train-mode forward pass (outputs, and every paired norm layer's
+    updated statistics: bitwise between linen and NNX, else ``CROSS_RTOL``), and the gradients of
+    ``sum(output * c)`` (``c`` a fixed random cotangent, :data:`COTANGENT_SEED`, the same on both sides)
+    with respect to every paired layer's parameters: the source's gradients are mapped into ``like``'s
+    layout by the same per-pair conversion as its parameters and compared with the target's own (bitwise
+    where the eval outputs must be, else ``CROSS_RTOL`` of the layer's largest gradient; ``report.gradients``
+    with the worst paths). Arrays only one framework differentiates (native NNX ``WeightNorm`` scales are
+    not ``nnx.Param``) and SpectralNorm/WeightNorm across families (a reparametrisation) are noted, not
+    compared. With ``call=`` hooks, train mode calls ``fn(model, x, True)``; a linen hook returns
+    ``apply(..., mutable=[...])``'s ``(y, updates)`` and an Equinox hook ``(y, state)`` for the updated
+    statistics to be compared (otherwise a note says they were not; NNX and treex update in place).
+    ``False`` converts unverified (the report says so). ``on_mismatch="keep_like"`` converts even when a
+    layer's hyper-parameters (eps, momentum, groups, ``use_fast_variance``, dtype, ...) differ, keeping
+    like's; the report records it and the measured output change.
 
     Raises :class:`~normbridge.errors.ConversionError` listing every problem (unpaired, unknown,
     mismatched layers; a refused verification with the measured difference).
@@ -760,10 +1139,14 @@ def convert(
         _refuse_unverifiable(source, like, mapping, probe, call, on_mismatch, verify)
     if verify not in (True, False, "train"):
         raise ValueError(f"verify must be True, False or 'train', got {verify!r}")
-    plan = _plan(source, like, mapping, probe, call, on_mismatch)
+    plan = _plan(source, like, mapping, probe, call, on_mismatch, build_probe=bool(verify))
     src, tgt = plan.src, plan.tgt
     if verify and (src.probe is None or tgt.probe is None):
-        plan.problems.append("verify=True needs an input: pass probe= (or verify=False for an unverified conversion)")
+        tried = "".join(f"\n    tried {t}" for t in plan.probe_tried) or " none (no Dense, Conv, Embed layer found)"
+        plan.problems.append(
+            "verify=True needs an input: pass probe= (or verify=False for an unverified conversion); no probe "
+            f"could be built from the parameter shapes:{tried}"
+        )
     if plan.problems:
         raise ConversionError(
             f"normbridge.convert ({src.framework} -> {tgt.framework}) refused",
@@ -817,6 +1200,7 @@ def convert(
     pairs = _pairs(plan)
     verification = None
     train_check = None
+    gradients = None
     notes = list(plan.notes)
     if verify:
         # linen and NNX attention natively differ in operation order (~2e-7)
@@ -838,9 +1222,23 @@ def convert(
         if not verification.passed:
             notes.append(f"outputs changed by keeping like's hyper-parameters: {verification.text()}")
         if verify == "train":
-            train = _verify_train(plan, target, reordered)
+            try:
+                train, gradients, train_notes = _verify_train(plan, target, reordered)
+            except ConversionError:
+                raise
+            except Exception as err:  # the user's model code failed in train mode: say where, don't leak it
+                raise ConversionError(
+                    f"normbridge.convert ({src.framework} -> {tgt.framework}) refused: running the models in train "
+                    f"mode to verify failed: {type(err).__name__}: {err}",
+                    mapping={s: t for s, t, _ in plan.pairs},
+                ) from err
             _refuse_if_differs(plan, train, tolerated, "in train mode the converted model differs", "worst", _train_why)
+            if gradients is not None:
+                _refuse_if_differs(
+                    plan, gradients, tolerated, "in train mode the gradients differ", "worst gradient paths", _train_why
+                )
             train_check = train
+            notes += train_notes
     else:
         bare = src.cannot_run is not None
         notes.append(f"unverified: {src.cannot_run} (pass (module, variables) to verify)" if bare else
@@ -856,5 +1254,6 @@ def convert(
         tuple(notes),
         train=train_check,
         skipped_state=skipped_state,
+        gradients=gradients,
     )
     return target, report

@@ -165,8 +165,11 @@ class EquinoxSpoke(WalkedSpoke):
         y, _ = jax.vmap(model, axis_name=axis, in_axes=(0, None), out_axes=(0, None))(x, state)
         return y
 
-    def train_step(self, obj: Any, x: Any) -> tuple[Any, Any]:
+    def train_step(self, obj: Any, x: Any, call: Callable | None = None) -> tuple[Any, Any]:
         model, state = split(self.prepare(obj, True))
+        if call is not None:
+            y, new_state = train_output(call((model, state) if isinstance(obj, tuple) else model, x, True))
+            return y, None if new_state is None else (split(obj)[0], new_state)
         axis = _axis_name(model)
         if state is None or not _stateful(model):
             return jax.vmap(model, axis_name=axis)(x), obj
@@ -250,6 +253,14 @@ def _with_arrays(layer: Layer, module: Any, record: Mapping[str, Any]) -> Any:
         return [get_at(m, n.split("/")) for n in names]
 
     return eqx.tree_at(get, module, [arrays[n] for n in names], is_leaf=lambda x: x is None)
+
+
+def train_output(out: Any) -> tuple[Any, Any]:
+    """``(y, new state or None)`` of what a train-mode call hook returned: ``(y, eqx.nn.State)`` or ``y`` alone."""
+    eqx = _eqx()
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], eqx.nn.State):
+        return out
+    return out, None
 
 
 def _axis_name(model: Any) -> Any:

@@ -121,6 +121,15 @@ def flags(module: Any, train: bool) -> dict[str, Any]:
     return {k: (v if not train else not v) for k, v in EVAL_FLAGS.items() if k in params}
 
 
+def train_output(out: Any, variables: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(y, updated collections or None)`` of what a train-mode call hook returned: ``module.apply(...,
+    mutable=...)``'s ``(y, updates)`` (a mapping of the model's non-``params`` collections), or ``y`` alone."""
+    stats = set(variables) - {"params"}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping) and out[1] and set(out[1]) <= stats:
+        return out[0], out[1]
+    return out, None
+
+
 class _Trace:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
@@ -299,9 +308,12 @@ class LinenSpoke(Spoke):
             return y
         return module.apply(variables, x, **kw)
 
-    def train_step(self, obj: Any, x: Any) -> tuple[Any, Any]:
+    def train_step(self, obj: Any, x: Any, call: Callable | None = None) -> tuple[Any, Any]:
         module, variables = obj
         mutable = [c for c in variables if c != "params"]
+        if call is not None:
+            y, updates = train_output(call(obj, x, True), variables)
+            return y, None if updates is None else (module, {**_plain(variables), **_plain(updates)})
         y, updates = module.apply(
             variables, x, mutable=mutable, rngs={"dropout": jax.random.key(0)}, **flags(module, True)
         )

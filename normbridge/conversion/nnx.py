@@ -149,9 +149,9 @@ class NnxSpoke(Spoke):
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
 
-    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
+    def train_step(self, model: Any, x: Any, call: Callable | None = None) -> tuple[Any, Any]:
         m = self.prepare(model, True)
-        y = m(x)
+        y = self.run(m, x, True, call)  # NNX layers update their statistics in place
         m.eval()
         return y, m
 

@@ -41,7 +41,9 @@ class Verification:
 
     def text(self) -> str:
         measured = "bitwise equal" if self.bitwise else f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
-        return f"{self.mode} outputs {measured} (bound: {self.bound}) -> {'passed' if self.passed else 'FAILED'}"
+        what = "eval outputs" if self.mode == "eval" else self.mode
+        worst = f"; worst: {', '.join(self.worst)}" if self.worst and not self.bitwise else ""
+        return f"{what} {measured} (bound: {self.bound}){worst} -> {'passed' if self.passed else 'FAILED'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +61,16 @@ class ConversionReport:
     skipped: tuple[str, ...] = ()
     verification: Verification | None = None
     notes: tuple[str, ...] = ()
-    #: ``verify="train"``: one train-mode pass, outputs and updated statistics compared (gradients are not).
+    #: ``verify="train"``: one train-mode pass, outputs and updated statistics compared.
     train: Verification | None = None
     skipped_state: tuple[str, ...] = ()
+    #: ``verify="train"``: gradients of ``sum(train output * fixed cotangent)`` w.r.t. every paired parameter.
+    gradients: Verification | None = None
 
     @property
     def verified(self) -> bool:
         ok = self.verification is not None and self.verification.passed
-        return ok and (self.train is None or self.train.passed)
+        return ok and all(v is None or v.passed for v in (self.train, self.gradients))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,7 @@ class ConversionReport:
             "skipped_state": list(self.skipped_state),
             "verification": None if self.verification is None else dataclasses.asdict(self.verification),
             "train": None if self.train is None else dataclasses.asdict(self.train),
+            "gradients": None if self.gradients is None else dataclasses.asdict(self.gradients),
             "verified": self.verified,
             "notes": list(self.notes),
         }
@@ -95,7 +100,8 @@ class ConversionReport:
         if self.skipped_state:
             lines.append(f"  RNG state, not converted (like's own kept): {', '.join(self.skipped_state)}")
         lines.append("  verification: " + ("unverified" if self.verification is None else self.verification.text()))
-        if self.train is not None:
-            lines.append("  verification: " + self.train.text())
+        for extra in (self.train, self.gradients):
+            if extra is not None:
+                lines.append("  verification: " + extra.text())
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

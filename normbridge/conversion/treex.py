@@ -148,9 +148,9 @@ class TreexSpoke(WalkedSpoke):
     def call(self, model: Any, x: Any, train: bool) -> Any:
         return model(x)
 
-    def train_step(self, model: Any, x: Any) -> tuple[Any, Any]:
+    def train_step(self, model: Any, x: Any, call: Callable | None = None) -> tuple[Any, Any]:
         m = self.prepare(model, True)
-        y = m(x)  # treex layers update their statistics in place in train mode
+        y = self.run(m, x, True, call)  # treex layers update their statistics in place in train mode
         return y, m.eval()
 
     def trace(self, model: Any, probe: Any, call: Callable | None = None) -> list[Call]:

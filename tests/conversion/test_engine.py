@@ -264,6 +264,41 @@ def test_without_probe_equal_names_pair_and_linen_asks_for_a_probe() -> None:
     assert "a linen model's layers exist only while it runs: pass probe=" in str(err.value)
 
 
+@pytest.mark.parametrize("arch,a,b", [("mlp", "linen", "nnx"), ("resnet", "linen", "equinox")])
+def test_without_probe_a_probe_is_built_from_parameter_shapes(arch: str, a: str, b: str) -> None:
+    """No probe: built from the first layers' parameter shapes (NnxResNet/EqxResNet define their Linear head
+    first: its (N, 4) input does not run, conv_init's image does); the outputs are then checked on the test's
+    own inputs, with each framework's API."""
+    src = model(arch, a)
+    tgt, report = normbridge.convert(src, model(arch, b, seed=5))
+    assert report.verified, str(report)
+    want = {
+        "mlp": "probe built from parameter shapes: (2, 6) float32 (from like 'dense1' (dense))",
+        "resnet": "probe built from parameter shapes: (2, 8, 8, 3) float32 (from like 'conv_init' (conv)); "
+        "like gets it channels first: (2, 3, 8, 8)",
+    }[arch]
+    assert want in report.notes and want in str(report)
+    _check_outputs(arch, a, src, b, tgt)
+
+
+def test_one_probe_for_two_layouts_is_given_to_equinox_channels_first() -> None:
+    src = model("resnet", "linen")
+    tgt, report = normbridge.convert(src, model("resnet", "equinox", seed=5), probe=M.probe("resnet", "linen"))
+    assert report.verified
+    assert "probe for like (equinox): the given probe (2, 6, 6, 3) with channels last -> first" in str(report)
+    _check_outputs("resnet", "linen", src, "equinox", tgt)
+
+
+def test_no_probe_that_runs_is_refused_listing_what_was_tried() -> None:
+    module = NeedsMask()
+    variables = module.init(jax.random.key(0), M.features(), jnp.ones((1, 3)))
+    with pytest.raises(normbridge.ConversionError) as err:
+        normbridge.convert((module, variables), (module, variables))
+    text = str(err.value)
+    assert "verify=True needs an input: pass probe=" in text
+    assert "tried (2, 6) float32 (from source 'Dense_0' (dense)): source: TypeError" in text
+
+
 def test_unverified_conversion_says_so() -> None:
     _, report = normbridge.convert(model("mlp", "nnx"), model("mlp", "nnx", "facade", seed=5), verify=False)
     assert report.verification is None and not report.verified
@@ -318,13 +353,105 @@ def test_linen_needs_a_module_and_variables() -> None:
         normbridge.convert(nn.Dense(3), model("mlp", "nnx"))
 
 
-def test_verify_train_compares_train_outputs_and_updated_statistics() -> None:
+def test_verify_train_compares_train_outputs_updated_statistics_and_gradients() -> None:
     src = model("resnet", "linen")
-    _, report = normbridge.convert(
+    tgt, report = normbridge.convert(
         src, model("resnet", "nnx", seed=5), probe=M.probe("resnet", "linen"), verify="train"
     )
     assert report.train.passed and report.train.bitwise and report.verified
+    assert report.gradients.passed and report.gradients.bitwise
+    # every parameter array of the 11 paired layers (9 convs/BNs/Dense with 2 arrays, 4 convs without bias)
+    assert "train gradients (18 parameter arrays of 11 layers)" in str(report)
     assert "train (outputs, updated statistics)" in str(report)
+    assert json.loads(report.to_json())["gradients"]["bitwise"] is True
+    # the claim, measured with each framework's own API: linen's and NNX's train-mode gradients are bitwise equal
+    x = M.probe("resnet", "linen")
+    module, variables = src
+    c = jax.random.normal(jax.random.key(3), (M.N, M.CLASSES))
+
+    def linen_loss(params):
+        y, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * c)
+
+    def nnx_loss(m):
+        return jnp.sum(m(x) * c)
+
+    g_linen = jax.grad(linen_loss)(variables["params"])
+    m = nnx.clone(tgt)
+    m.train()
+    g_nnx = nnx.grad(nnx_loss)(m)
+    assert np.array_equal(g_linen["conv_init"]["kernel"], g_nnx["conv_init"]["kernel"].get_value())
+    assert np.array_equal(
+        g_linen["ResNetBlock_1"]["BatchNorm_0"]["scale"], g_nnx["blocks"][1]["bn1"]["scale"].get_value()
+    )
+
+
+class NnxMlpStopGradient(nnx.Module):
+    """NnxMlp's forward pass, but no gradient flows into dense1: eval and train outputs are the same."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense1 = nnx.Linear(6, M.C, rngs=rngs)
+        self.bn = nnx.BatchNorm(M.C, momentum=0.9, rngs=rngs)
+        self.ln = nnx.LayerNorm(M.C, rngs=rngs)
+        self.dense2 = nnx.Linear(M.C, M.C, rngs=rngs)
+        self.rms = nnx.RMSNorm(M.C, rngs=rngs)
+        self.head = nnx.Linear(M.C, M.CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.ln(nnx.relu(self.bn(jax.lax.stop_gradient(self.dense1(x)))))
+        return self.head(self.rms(self.dense2(x)))
+
+
+def test_verify_train_refuses_a_target_whose_gradients_differ() -> None:
+    """Outputs (eval and train) and statistics agree bit for bit; only the gradients show the difference."""
+    src = model("mlp", "linen")
+    _, report = normbridge.convert(src, NnxMlpStopGradient(nnx.Rngs(3)), probe=M.probe("mlp", "linen"))
+    assert report.verification.bitwise  # eval mode cannot see it
+    with pytest.raises(normbridge.ConversionError) as err:
+        normbridge.convert(src, NnxMlpStopGradient(nnx.Rngs(3)), probe=M.probe("mlp", "linen"), verify="train")
+    text = str(err.value)
+    assert "in train mode the gradients differ" in text and "train gradients" in text
+    measured = err.value.measured
+    assert not measured.passed and measured.max_abs > 1e-3 and measured.max_rel == 1.0  # target's gradient is 0
+    assert set(measured.worst) <= {"dense1/kernel", "dense1/bias"} and "dense1/kernel" in measured.worst
+
+
+def test_verify_train_notes_an_array_only_one_framework_differentiates() -> None:
+    """Native nnx.WeightNorm keeps its scales as plain arrays (not nnx.Param: nnx.grad skips them), linen's are
+    params: that gradient exists on one side only and is noted; every other gradient is compared, bitwise."""
+    like = model("sngn", "nnx", seed=5)
+    assert not isinstance(like.wn.scales[("kernel",)], nnx.Variable)  # measured on flax 0.12.8
+    _, report = normbridge.convert(model("sngn", "linen"), like, probe=M.probe("sngn", "linen"), verify="train")
+    assert report.verified and report.gradients.bitwise and "8 parameter arrays of 4 layers" in report.gradients.mode
+    note = "gradient of wn/weight_scales/kernel not compared: a parameter of the source (linen) but not of like (nnx)"
+    assert any(note in n for n in report.notes), report.notes
+
+
+def _linen_hook(returns_updates: bool):
+    def hook(m, x, train):
+        module, variables = m
+        if not train:
+            return module.apply(variables, x, train=False)
+        y, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        return (y, updates) if returns_updates else y
+
+    return hook
+
+
+def test_verify_train_with_call_hooks() -> None:
+    """Hooks run with train=True; a linen hook that returns (y, updates) has its statistics compared too."""
+    src, x = model("mlp", "linen"), M.probe("mlp", "linen")
+    nnx_hook = lambda m, x, train: m(x)  # noqa: E731 (NNX: the engine sets .train()/.eval())
+    _, report = normbridge.convert(
+        src, model("mlp", "nnx", seed=5), probe=x, verify="train", call=(_linen_hook(True), nnx_hook)
+    )
+    assert report.verified and report.train.mode == "train (outputs, updated statistics)" and report.train.bitwise
+    assert report.gradients.bitwise and "11 parameter arrays" in report.gradients.mode
+    _, report = normbridge.convert(
+        src, model("mlp", "nnx", seed=5), probe=x, verify="train", call=(_linen_hook(False), None)
+    )
+    assert report.verified and report.train.mode == "train (outputs)" and report.gradients.bitwise
+    assert any("updated statistics not compared: the source call hook returns no state" in n for n in report.notes)
 
 
 def test_verify_train_refuses_flax_to_equinox_batch_norm_and_says_why() -> None:
