@@ -149,6 +149,8 @@ def _layout_probes(source: Any, like: Any, probe: Any, calls: tuple, notes: list
         return probe, probe
     out = [probe, probe]
     for i, (obj, label) in enumerate(((source, "source"), (like, "like"))):
+        if isinstance(obj, Mapping):  # bare variables cannot run: nothing to adapt the probe to
+            continue
         if _probe_error(obj, probe, calls[i]) is None:
             continue
         to_eqx = sides[i] == "equinox"
@@ -172,7 +174,8 @@ def _candidate_specs(obj: Any) -> list[tuple[tuple[int, ...], Any, int | None, s
 
     fw = framework_of(obj)
     if fw == "linen":
-        layers = _linen_layers_from_params(obj[1].get("params", {}))
+        variables = obj if isinstance(obj, Mapping) else obj[1]
+        layers = _linen_layers_from_params(variables.get("params", {}))
     else:
         try:
             listed = spoke_for(fw).layers(_materialized(obj) if fw == "equinox" else obj)

@@ -22,6 +22,13 @@ TRANSFORMER = {
     "RMSNorm_0": "final",
 }
 
+#: linen ResNet scopes -> EqxResNet's attributes (the stem pairs by name).
+RESNET_TO_EQUINOX = {
+    f"ResNetBlock_{i}/{linen}": f"blocks/{i}/{ours}"
+    for i in range(2)
+    for ours, linen in (("conv1", "Conv_0"), ("bn1", "BatchNorm_0"), ("conv2", "Conv_1"), ("bn2", "BatchNorm_1"))
+} | {"Dense_0": "head"}
+
 
 @pytest.fixture(scope="module")
 def transformer():
@@ -77,3 +84,14 @@ def test_like_must_be_a_model(transformer) -> None:
     variables, _, _ = transformer
     with pytest.raises(normbridge.ConversionError, match="like gives the target's architecture"):
         normbridge.convert(variables, variables, verify=False)
+
+
+def test_a_probe_given_with_bare_variables_is_not_adapted_to_a_layout() -> None:
+    """Bare variables cannot run, so a probe given with ``verify=False`` is not tried on them in another layout
+    (which used to refuse a linen -> Equinox conversion that needs no probe at all)."""
+    module, variables = M.build("resnet", "linen")
+    like = M.build("resnet", "equinox", seed=5)
+    _, report = normbridge.convert(
+        variables, like, mapping=RESNET_TO_EQUINOX, probe=M.probe("resnet", "linen"), verify=False
+    )
+    assert not report.verified and "unverified: the source is variables without a module" in str(report)
