@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import mmap
 import os
 import shutil
 import tempfile
@@ -139,6 +140,19 @@ def check_size(file: str, path: str, shape: tuple[int, ...], dtype: np.dtype, av
             expected=f"{nbytes} bytes for {np.dtype(dtype).name}{list(shape)}", found=f"{available} bytes",
         )
     return nbytes
+
+
+def map_file(fh: Any) -> mmap.mmap | None:
+    """A read-only memory map of the open file ``fh``, ``None`` for an empty file.
+
+    Arrays read as ``np.frombuffer`` views of it are not copied: their pages come from the page cache
+    as they are touched, and they are read-only (as ``flax.serialization.msgpack_restore``'s arrays,
+    views of a ``bytes``, always were; ``np.array(a)`` for a writable copy). The map lives as long as
+    an array viewing it (``munmap`` when the last one is freed).
+    """
+    if os.fstat(fh.fileno()).st_size == 0:
+        return None
+    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 # ------------------------------------------------------------------ atomic writes
