@@ -155,6 +155,28 @@ def map_file(fh: Any) -> mmap.mmap | None:
     return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def release(arr: Any) -> bool:
+    """Drop this process's resident pages of ``arr`` if it is a view of a :func:`map_file` map
+    (``madvise(MADV_DONTNEED)``: the map is read-only, so nothing is lost; touching the array again
+    faults its pages back in from the page cache). ``True`` if pages were dropped; any other array
+    is left alone. Lets a pass over a large memory-mapped checkpoint hold one array's pages at a time."""
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not isinstance(arr, np.ndarray) or arr.nbytes == 0:
+        return False
+    from numpy.lib.array_utils import byte_bounds
+
+    low, high = byte_bounds(arr)
+    origin = np.frombuffer(base, np.uint8, count=1).ctypes.data
+    begin = (low - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(high - origin, len(base))
+    base.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+    return True
+
+
 # ------------------------------------------------------------------ atomic writes
 def refuse_existing(dst: str, overwrite: bool) -> None:
     if os.path.lexists(dst) and not overwrite:
