@@ -6,10 +6,12 @@ between two formats, timed against ``cp`` of the same bytes, with the converting
 Each conversion is a fresh ``python -m normbridge convert`` process (so its time includes Python,
 jax and flax start-up, measured separately as "start-up"), given an abstract ``--like``
 (``jax.eval_shape``: no second copy of the weights is allocated). Peak RSS is that process's
-``ru_maxrss`` (``os.wait4``). Prints a markdown table.
+``ru_maxrss`` (``os.wait4``). With ``--repeat N`` every timing is the median of N runs, ``cp``
+and ``cp`` + fsync timed in the same loop as the conversion (ratios within one run); the load
+average before and after is printed. Prints a markdown table.
 
-    python benchmarks/checkpoint_scale.py --gib 1          # the README figures (~3 GB in --dir)
-    python benchmarks/checkpoint_scale.py --gib 0.1        # quick
+    python benchmarks/checkpoint_scale.py --gib 1 --repeat 3   # the README figures (~3 GB in --dir)
+    python benchmarks/checkpoint_scale.py --gib 0.1            # quick
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +68,13 @@ def _du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     """(wall seconds, peak RSS bytes, exit code) of one child process."""
     t0 = time.perf_counter()
@@ -81,8 +91,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="checkpoint size in GiB (float32 weights)")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary folder in /tmp)")
-    ap.add_argument("--pairs", default="msgpack:orbax,safetensors:msgpack,msgpack:safetensors",
+    ap.add_argument("--pairs", default="msgpack:safetensors,safetensors:msgpack,msgpack:orbax,orbax:msgpack",
                     help="comma-separated SRC:DST formats")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per row; timings are medians, RSS the maximum")
     args = ap.parse_args()
     per_layer = (WIDTH * WIDTH + 3 * WIDTH) * 4
     layers = max(1, round(args.gib * 2**30 / per_layer))
@@ -95,7 +106,9 @@ def main() -> None:
     try:
         imports = ("import normbridge.cli, normbridge.checkpoint, jax, flax.linen, orbax.checkpoint; "
                    "import benchmarks.checkpoint_scale as b; b.like()")
-        startup, start_rss, _ = _run([sys.executable, "-c", imports], env)
+        load_before = os.getloadavg()
+        startups = [_run([sys.executable, "-c", imports], env) for _ in range(args.repeat)]
+        startup, start_rss = statistics.median(w for w, _, _ in startups), max(r for _, r, _ in startups)
         for pair in args.pairs.split(","):
             src_fmt, dst_fmt = pair.split(":")
             src = os.path.join(scratch, "src" + ext[src_fmt])
@@ -104,26 +117,31 @@ def main() -> None:
                             f"b._write_source({src!r}, {src_fmt!r})"], env=env, cwd=ROOT, check=True)
             size = _du(src)
             copy = os.path.join(scratch, "copy")
-            cp_wall, _, _ = _run(["cp", "-r", src, copy], env)
-            shutil.rmtree(copy) if os.path.isdir(copy) else os.remove(copy)
-            # normbridge fsyncs what it writes (the atomic rename needs it); so does this copy
-            sync_wall, _, _ = _run(["sh", "-c", 'cp -r "$0" "$1" && find "$1" -type f -exec sync {} +', src, copy],
-                                   env)
-            shutil.rmtree(copy) if os.path.isdir(copy) else os.remove(copy)
-            wall, rss, rc = _run([sys.executable, "-m", "normbridge", "convert", src, "-o", dst, "--like",
-                                  "benchmarks.checkpoint_scale:like", "--quiet", "--no-verify"], env)
-            rows.append((src_fmt, dst_fmt, size, cp_wall, sync_wall, wall, rss, rc))
-            for p in (src, dst):
-                if os.path.isdir(p):
-                    shutil.rmtree(p)
-                elif os.path.exists(p):
-                    os.remove(p)
+            cps, syncs, walls, rss, rc = [], [], [], 0, 0
+            for _ in range(args.repeat):
+                cps.append(_run(["cp", "-r", src, copy], env)[0])
+                _remove(copy)
+                # normbridge fsyncs what it writes (the atomic rename needs it); so does this copy
+                syncs.append(_run(["sh", "-c", 'cp -r "$0" "$1" && find "$1" -type f -exec sync {} +', src, copy],
+                                  env)[0])
+                _remove(copy)
+                wall, peak, code = _run([sys.executable, "-m", "normbridge", "convert", src, "-o", dst, "--like",
+                                         "benchmarks.checkpoint_scale:like", "--quiet", "--no-verify"], env)
+                walls.append(wall)
+                rss, rc = max(rss, peak), rc or code
+                _remove(dst)
+            rows.append((src_fmt, dst_fmt, size, statistics.median(cps), statistics.median(syncs),
+                         statistics.median(walls), rss, rc))
+            _remove(src)
+        load_after = os.getloadavg()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     gib = lambda n: n / 2**30  # noqa: E731
     print(f"{layers} × (Dense {WIDTH}×{WIDTH} + LayerNorm {WIDTH}), float32; start-up of a process that "
           f"imports normbridge, jax, flax, orbax and builds the abstract model: {startup:.2f} s, "
-          f"{gib(start_rss):.2f} GiB peak RSS\n")
+          f"{gib(start_rss):.2f} GiB peak RSS; medians of {args.repeat} run(s); load average (1, 5, 15 min) "
+          f"{'/'.join(f'{x:.1f}' for x in load_before)} before, {'/'.join(f'{x:.1f}' for x in load_after)} after, "
+          f"on {os.cpu_count()} CPUs\n")
     print("| SRC → DST | size | `cp` | `cp` + fsync | convert | convert − start-up | ÷ `cp` + fsync (− start-up) "
           "| peak RSS | ÷ size | exit |")
     print("|---|---|---|---|---|---|---|---|---|---|")

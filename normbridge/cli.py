@@ -288,8 +288,12 @@ def _convert(args: argparse.Namespace) -> int:
         step(f"writing {dst}")
         expected = models.write_model(dst, target, out_fmt, overwrite=args.overwrite)
         target_framework = models.framework_of(target)
-        del src, source, target  # what was written is read back with only `expected` alive
-        gc.collect()  # flax modules and tracebacks make reference cycles that would keep the arrays alive
+        # the source's arrays are freed before the read-back; views of a memory-mapped file need no
+        # collection (their pages are dropped by release, referenced or not)
+        mapped = all([ck.release(a) for a in src.leaves.values()])
+        del src, source, target
+        if not mapped:
+            gc.collect()  # flax modules and tracebacks make reference cycles that would keep the arrays alive
 
     # What was written must read back as exactly what was converted: paths, shapes, dtypes, bytes.
     for arr in expected.values():  # a memory-mapped source's pages, touched by the write
