@@ -167,6 +167,8 @@ def release(arr: Any) -> bool:
         base = base.obj
     if not isinstance(base, mmap.mmap) or not isinstance(arr, np.ndarray) or arr.nbytes == 0:
         return False
+    if not hasattr(mmap, "MADV_DONTNEED"):  # Windows: no madvise (the pages go when the map does)
+        return False
     from numpy.lib.array_utils import byte_bounds
 
     low, high = byte_bounds(arr)
