@@ -22,7 +22,7 @@ def _group_norm(x, scale, bias, groups):
     return core.normalize(x, mean, var, 1e-6, scale, bias, order="flax", groups=groups)
 
 
-@pytest.mark.parametrize(("shape", "groups"), [((6, 16), 8), ((6, 16), 4), ((3, 4, 5, 12), 3)])
+@pytest.mark.parametrize(("shape", "groups"), [((6, 16), 8), ((6, 16), 4), ((5, 24), 3)])
 def test_grouped_normalize_is_bitwise_exact_with_a_different_program(shape, groups):
     rng = np.random.default_rng(0)
     # large mean, small spread: the gradients cancel heavily, so any change of summation order would show
@@ -54,3 +54,14 @@ def test_normalize_ignores_groups_in_exact_mode_and_where_they_do_not_split():
     with normbridge.fast():
         # 4 groups do not divide 6 channels: the plain program
         assert str(jax.make_jaxpr(lambda x: core.normalize(x, m, v, 1e-6, groups=4))(x)) == plain
+
+
+def test_statistics_broadcast_over_spatial_axes_keep_the_flat_layout():
+    """Channels-last conv (statistics ``(N, 1, 1, C)``): the grouped layout's backward would reduce over axes on
+    both sides of the group axis, so fast mode normalizes as exact mode does (the statistics have their own
+    fast formulation)."""
+    x = jnp.ones((3, 4, 5, 12))
+    m, v = jnp.zeros((3, 1, 1, 12)), jnp.ones((3, 1, 1, 12))
+    plain = str(jax.make_jaxpr(lambda x: core.normalize(x, m, v, 1e-6))(x))
+    with normbridge.fast():
+        assert str(jax.make_jaxpr(lambda x: core.normalize(x, m, v, 1e-6, groups=3))(x)) == plain
