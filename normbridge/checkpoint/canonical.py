@@ -359,21 +359,25 @@ class CheckpointDiff:
 
     def render(self, style: str = "auto") -> str:
         na, nb = self.report.names
-        out = [self.report.render(style)]
-        if self.pairs:
-            hows = collections.Counter(p.how.split(" ")[0] if p.how.startswith("wrapped") else p.how
-                                       for p in self.pairs)
-            out.append(f"{len(self.pairs)} layers paired by normbridge.conversion.pair ("
-                       + ", ".join(f"{n} by {how}" for how, n in hows.items()) + ")")
-        if self.problems:
-            out.append(f"normbridge.conversion.pair refused to pair the layers ({len(self.problems)} problems); "
-                       "nothing was compared:")
+        if self.problems:  # nothing was compared: the report's headline ("match: 0 leaves") would mislead
+            n = len(self.problems)
+            out = [f"{na} and {nb} not compared: normbridge.conversion.pair refused to pair their models' layers "
+                   f"({n} problem{'s' if n != 1 else ''}; in its words the source is {na}, like is {nb}):"]
             out += [f"  - {p}" for p in self.problems]
             if any("probe=" in p for p in self.problems):
                 out.append("  (on the command line: --probe SHAPE or --probe PKG.MODULE:FACTORY)")
             if self.suggested_map:
                 out.append(f"  suggested --map (review it; a null is a layer with no candidate): "
                            f"{json.dumps(self.suggested_map)}")
+            for name, unmapped in ((na, self.unmapped_a), (nb, self.unmapped_b)):
+                out.append(f"{len(unmapped)} arrays of {name} not compared: {', '.join(unmapped)}")
+            return "\n".join(out)
+        out = [self.report.render(style)]
+        if self.pairs:
+            hows = collections.Counter(p.how.split(" ")[0] if p.how.startswith("wrapped") else p.how
+                                       for p in self.pairs)
+            out.append(f"{len(self.pairs)} layers paired by normbridge.conversion.pair ("
+                       + ", ".join(f"{n} by {how}" for how, n in hows.items()) + ")")
         for name, unmapped in ((na, self.unmapped_a), (nb, self.unmapped_b)):
             if unmapped:
                 out.append(f"{len(unmapped)} arrays of {name} not mapped to canonical records (not compared):")

@@ -305,7 +305,8 @@ def test_both_models_a_pairing_the_engine_refuses_is_listed(auto_named, tmp_path
     capsys.readouterr()
     assert cli.main(["diff", *args]) == 1
     text = capsys.readouterr().out
-    assert "refused to pair" in text and "shapes differ" in text
+    assert "not compared: normbridge.conversion.pair refused" in text and "shapes differ" in text
+    assert " match: " not in text
     # a mapping naming no layer of either model is bad input (exit 2)
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"nothing_here": "head"}))
