@@ -14,8 +14,10 @@ one rule per framework, without a model (a checkpoint holds no architecture):
 (:func:`canonical_view`, :func:`model_view`, :func:`diff_views`): each file's arrays as canonical
 records (flax's layouts, Equinox's transposed by :mod:`normbridge.core.layouts`; from the file
 alone where its arrays decide the kind, else from a model), paired by layer name after each
-framework's naming rules and compared with :mod:`normbridge.testing`. Layers are never paired by a
-guess: what cannot be mapped or paired is reported as such.
+framework's naming rules and compared with :mod:`normbridge.testing`. Given both models
+(:func:`diff_models`), the layers are paired as :func:`normbridge.convert` pairs them, by the engine's
+:func:`normbridge.conversion.pair` (mapping, names, execution order, shape checks). Layers are never
+paired by a guess: what cannot be mapped or paired is reported as such.
 """
 
 from __future__ import annotations
