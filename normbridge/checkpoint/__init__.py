@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 from normbridge.checkpoint import equinox_named, eqx_leaves, flax_msgpack, orbax_format, safetensors_format, treex
-from normbridge.checkpoint._common import Checkpoint, flatten, unflatten
+from normbridge.checkpoint._common import Checkpoint, flatten, release, unflatten
 from normbridge.errors import CheckpointError, CorruptCheckpointError
 
 FORMATS = ("orbax", "msgpack", "eqx-leaves", "equinox", "safetensors", "pickle", "npz")
@@ -146,6 +146,7 @@ __all__ = [
     "flatten",
     "format_for_path",
     "read",
+    "release",
     "unflatten",
     "write_tree",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import mmap
 import os
 import shutil
 import tempfile
@@ -139,6 +140,43 @@ def check_size(file: str, path: str, shape: tuple[int, ...], dtype: np.dtype, av
             expected=f"{nbytes} bytes for {np.dtype(dtype).name}{list(shape)}", found=f"{available} bytes",
         )
     return nbytes
+
+
+def map_file(fh: Any) -> mmap.mmap | None:
+    """A read-only memory map of the open file ``fh``, ``None`` for an empty file.
+
+    Arrays read as ``np.frombuffer`` views of it are not copied: their pages come from the page cache
+    as they are touched, and they are read-only (as ``flax.serialization.msgpack_restore``'s arrays,
+    views of a ``bytes``, always were; ``np.array(a)`` for a writable copy). The map lives as long as
+    an array viewing it (``munmap`` when the last one is freed).
+    """
+    if os.fstat(fh.fileno()).st_size == 0:
+        return None
+    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def release(arr: Any) -> bool:
+    """Drop this process's resident pages of ``arr`` if it is a view of a :func:`map_file` map
+    (``madvise(MADV_DONTNEED)``: the map is read-only, so nothing is lost; touching the array again
+    faults its pages back in from the page cache). ``True`` if pages were dropped; any other array
+    is left alone. Lets a pass over a large memory-mapped checkpoint hold one array's pages at a time."""
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not isinstance(arr, np.ndarray) or arr.nbytes == 0:
+        return False
+    if not hasattr(mmap, "MADV_DONTNEED"):  # Windows: no madvise (the pages go when the map does)
+        return False
+    from numpy.lib.array_utils import byte_bounds
+
+    low, high = byte_bounds(arr)
+    origin = np.frombuffer(base, np.uint8, count=1).ctypes.data
+    begin = (low - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(high - origin, len(base))
+    base.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+    return True
 
 
 # ------------------------------------------------------------------ atomic writes

@@ -21,35 +21,37 @@ from normbridge.errors import CheckpointError, CheckpointMismatchError
 
 
 def framework_of(model: Any) -> str:
-    """``"linen"``, ``"nnx"``, ``"equinox"`` or ``"treex"``; ``TypeError`` for anything else."""
-    from normbridge.adapters.treex.module import Module as TreexModule
+    """``"linen"``, ``"nnx"``, ``"equinox"`` or ``"treex"``; ``TypeError`` for anything else.
 
-    if isinstance(model, TreexModule):
-        return "treex"
-    try:
+    A framework whose module is not imported yet cannot have made ``model``, so it is not imported
+    to test it (importing treex's facade and Equinox costs seconds in a ``convert`` of linen files)."""
+    import sys
+
+    def loaded(name: str) -> bool:
+        return name in sys.modules
+
+    if loaded("normbridge.adapters.treex.module"):
+        from normbridge.adapters.treex.module import Module as TreexModule
+
+        if isinstance(model, TreexModule):
+            return "treex"
+    if loaded("flax.nnx"):
         from flax import nnx
 
         if isinstance(model, nnx.Module):
             return "nnx"
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(model, tuple) and len(model) == 2:
-        try:
-            import flax.linen as nn
+    if isinstance(model, tuple) and len(model) == 2 and loaded("flax.linen"):
+        import flax.linen as nn
 
-            if isinstance(model[0], nn.Module) and isinstance(model[1], Mapping):
-                return "linen"
-        except ImportError:  # pragma: no cover
-            pass
-    try:
+        if isinstance(model[0], nn.Module) and isinstance(model[1], Mapping):
+            return "linen"
+    if loaded("equinox"):
         import equinox as eqx
 
         if isinstance(model, eqx.Module) or (
             isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], eqx.Module)
         ):
             return "equinox"
-    except ImportError:  # pragma: no cover
-        pass
     raise TypeError(
         f"not a model of a framework normbridge knows: {type(model).__name__}; expected linen "
         "(module, variables), an NNX module, Equinox (model, state) or a treex module"

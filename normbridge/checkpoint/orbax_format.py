@@ -49,12 +49,36 @@ def read(directory: str) -> Checkpoint:
 
 
 def write(dst: str, tree: Any, *, overwrite: bool = False) -> None:
-    """``StandardCheckpointer().save`` of ``tree`` (an ``nnx.State``, linen variables, any pytree)."""
+    """``StandardCheckpointer().save`` of ``tree`` (an ``nnx.State``, linen variables, any pytree): the
+    same ``StandardCheckpointHandler`` and files, saved synchronously (``ocp.Checkpointer``) with numpy
+    arrays written as they are. Orbax's default ``NumpyHandler`` deep-copies every host array first
+    (``deepcopy_host_arrays=True``: an *async* save must not see the caller change them); nothing can
+    change them while a synchronous save runs, so :func:`_handler` registers one that does not, and a
+    large checkpoint is not held twice."""
     import orbax.checkpoint as ocp
 
     def save(tmp: str) -> None:
-        with ocp.StandardCheckpointer() as ck:
-            ck.save(os.path.abspath(tmp), tree)
-            ck.wait_until_finished()
+        with ocp.Checkpointer(_handler()) as ck:
+            ck.save(os.path.abspath(tmp), args=ocp.args.StandardSave(tree))
 
     atomic_directory(dst, save, overwrite=overwrite)
+
+
+def _handler() -> Any:
+    """A ``StandardCheckpointHandler`` whose numpy arrays are serialized without Orbax's defensive copy
+    (``NumpyHandler(deepcopy_host_arrays=False)``, every other type as Orbax registers it). Orbax has
+    no public argument for this, so the handler's inner ``PyTreeCheckpointHandler`` (``_impl``, what
+    its ``__init__`` builds) is rebuilt with the registry; an Orbax without ``_impl`` gets the plain
+    handler (a copy more, same files)."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.serialization import type_handler_registry as registry
+
+    handler = ocp.StandardCheckpointHandler()
+    defaults = getattr(registry, "_DEFAULT_TYPE_HANDLERS", None)
+    if not hasattr(handler, "_impl") or defaults is None:
+        return handler
+    pairs = [(ty, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)) if ty is np.ndarray else (ty, h)
+             for ty, h in defaults]
+    handler._impl = ocp.PyTreeCheckpointHandler(type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+        *pairs))
+    return handler

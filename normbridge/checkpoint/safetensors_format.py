@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from normbridge._optional import require
-from normbridge.checkpoint._common import MAX_HEADER_BYTES, Checkpoint, atomic_file, check_size, guard
+from normbridge.checkpoint._common import MAX_HEADER_BYTES, Checkpoint, atomic_file, check_size, guard, map_file
 from normbridge.errors import CorruptCheckpointError
 
 FORMAT = "safetensors"
@@ -29,13 +29,14 @@ def looks_like(head: bytes, size: int) -> bool:
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
            "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
-           "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+           "U8": "uint8", "BOOL": "bool", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def read(file: str) -> Checkpoint:
     """The header is validated by ``safetensors.safe_open`` (length, offsets inside the file, no
-    overlaps, dtypes); each tensor is then read from the file at its offset, one at a time (no mmap:
-    the file's pages are not resident next to the arrays)."""
+    overlaps, dtypes); each tensor is then an ``np.frombuffer`` view of its bytes in the memory-mapped
+    file (:func:`~normbridge.checkpoint._common.map_file`: no copy; its size checked against the
+    bytes present first)."""
     st = require("safetensors", facade="checkpoint", extra="checkpoint")
     import json
 
@@ -54,6 +55,7 @@ def read(file: str) -> Checkpoint:
         with open(file, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
+            mm = map_file(fh)
             split = "/" if any("/" in k for k in keys) else "."
             for k in keys:
                 entry = header[k]
@@ -64,12 +66,11 @@ def read(file: str) -> Checkpoint:
                 if nbytes != end - begin:
                     raise CorruptCheckpointError("tensor size disagrees with its offsets", file=file, path=k,
                                                  expected=f"{nbytes} bytes", found=f"{end - begin} bytes")
-                fh.seek(8 + n + begin)
-                data = np.fromfile(fh, dtype=np.uint8, count=nbytes)
-                if data.size != nbytes:
-                    raise CorruptCheckpointError("truncated tensor", file=file, path=k,
-                                                 expected=f"{nbytes} bytes", found=f"{data.size} bytes")
-                leaves[k.replace(split, "/")] = data.view(dtype).reshape(shape)
+                if nbytes == 0:
+                    arr = np.empty(shape, dtype)
+                else:
+                    arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=8 + n + begin)
+                leaves[k.replace(split, "/")] = arr.view(dtype).reshape(shape)
     return Checkpoint(file, FORMAT, leaves, leaves, None)
 
 
