@@ -7,7 +7,8 @@
 * ``normbridge convert SRC -o DST --like PKG.MODULE:FACTORY``: a checkpoint into another framework/format.
 
 Exit codes: 0 ok / equal; 1 the checkpoints differ (or some arrays cannot be mapped to canonical
-records without --a-model/--b-model) or a verification failed; 2 bad input
+records without --a-model/--b-model, or the engine cannot pair the two models' layers) or a
+verification failed; 2 bad input
 (unreadable, unsafe or mismatched checkpoint, existing destination, bad factory).
 """
 
@@ -230,9 +231,18 @@ def diff_checkpoints(a: str, b: str, *, rtol: float | None = None, atol: float |
     loading the file into the model and reading the conversion spoke's records
     (:func:`~normbridge.checkpoint.canonical.model_view`; linen needs ``probe``, or a pair
     ``(probe for a, probe for b)``). Layers pair by name (``mapping`` first,
-    :func:`~normbridge.checkpoint.canonical.diff_views`)."""
-    from normbridge.checkpoint.canonical import canonical_view, diff_views, model_view
+    :func:`~normbridge.checkpoint.canonical.diff_views`); given both models, exactly as
+    :func:`normbridge.convert` pairs them (:func:`~normbridge.checkpoint.canonical.diff_models`:
+    the engine's ``normbridge.conversion.pair``, execution order on ``probe`` included)."""
+    from normbridge.checkpoint.canonical import canonical_view, diff_models, diff_views, model_view
 
+    if model_a is not None and model_b is not None:
+        ckpts = (_read(a, fmt_a), _read(b, fmt_b))
+        try:
+            return diff_models(ckpts[0], model_a, ckpts[1], model_b, probe=probe, mapping=mapping, names=(a, b),
+                               rtol=rtol, atol=atol, max_ulp=max_ulp)
+        except ValueError as err:  # a mapping that names no layer
+            raise BadInput(f"--map: {err}") from None
     probes = probe if isinstance(probe, tuple) and len(probe) == 2 else (probe, probe)
     views = []
     for path, fmt, model, flag, p in ((a, fmt_a, model_a, "--a-model", probes[0]),
@@ -476,9 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="a function returning a model of A's architecture (for what A's file alone does not decide)")
     dif.add_argument("--b-model", metavar="PKG.MODULE:FACTORY", help="the same for B")
     dif.add_argument("--probe", metavar="SHAPE|PKG.MODULE:FACTORY",
-                     help="an input for a linen --a-model/--b-model (its layers exist only while it runs)")
+                     help="an input for a linen --a-model/--b-model (its layers exist only while it runs); "
+                          "with both models, what they run on to pair layers by execution order, as convert")
     dif.add_argument("--map", metavar="mapping.json",
-                     help="{A's layer path: B's layer path} (null skips one; 're:<regex>' keys), before names")
+                     help="{A's layer path: B's layer path} (null skips one; 're:<regex>' keys), before names "
+                          "(with both models: convert's --map, before names and execution order)")
     dif.add_argument("--json", action="store_true")
     dif.add_argument("--quiet", "-q", action="store_true")
 

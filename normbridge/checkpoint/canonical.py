@@ -14,13 +14,17 @@ one rule per framework, without a model (a checkpoint holds no architecture):
 (:func:`canonical_view`, :func:`model_view`, :func:`diff_views`): each file's arrays as canonical
 records (flax's layouts, Equinox's transposed by :mod:`normbridge.core.layouts`; from the file
 alone where its arrays decide the kind, else from a model), paired by layer name after each
-framework's naming rules and compared with :mod:`normbridge.testing`. Layers are never paired by a
-guess: what cannot be mapped or paired is reported as such.
+framework's naming rules and compared with :mod:`normbridge.testing`. Given both models
+(:func:`diff_models`), the layers are paired as :func:`normbridge.convert` pairs them, by the engine's
+:func:`normbridge.conversion.pair` (mapping, names, execution order, shape checks). Layers are never
+paired by a guess: what cannot be mapped or paired is reported as such.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import re
 from typing import Any
 
@@ -286,17 +290,22 @@ def model_view(ckpt: Checkpoint, model: Any, probe: Any = None) -> CanonicalView
     compared debiased (:func:`normbridge.core.debias`), as the layer uses them and as
     :func:`normbridge.convert` writes them for any other framework."""
     from normbridge.checkpoint import models
+
+    return loaded_view(models.load_into(ckpt, model), probe, file=ckpt.file)
+
+
+def loaded_view(loaded: Any, probe: Any = None, *, file: str | None = None) -> CanonicalView:
+    """:func:`model_view` of a model the checkpoint ``file`` is already loaded into."""
     from normbridge.conversion.base import record_arrays
     from normbridge.conversion.engine import framework_of, spoke_for
     from normbridge.core import NormRecord, debias
     from normbridge.errors import CheckpointError
 
-    loaded = models.load_into(ckpt, model)
     fw = framework_of(loaded)
     try:
         layers = spoke_for(fw).layers(loaded, probe)
     except LookupError as err:
-        raise CheckpointError(f"{err} (on the command line: --probe SHAPE)", file=ckpt.file) from None
+        raise CheckpointError(f"{err} (on the command line: --probe SHAPE)", file=file) from None
     view = CanonicalView(fw, {})
     for layer in layers.values():
         for item in (layer, layer.inner):
@@ -329,6 +338,9 @@ class CheckpointDiff:
     of every paired leaf, ``a`` against the reference ``b``, and the leaves of one side only),
     ``unmapped`` (per side, file paths the file alone cannot map, with the reason), ``not_compared``
     (one framework's conventions, see :data:`CONVENTION_FIELDS`, and layers a mapping skips).
+    With both models (:func:`diff_models`): ``pairs``, the engine's layer pairs
+    (:class:`normbridge.conversion.Pair`), and where it refused to pair, ``problems`` (its problem
+    lines, verbatim) and ``suggested_map`` (its suggested mapping, for the user to review; never used).
     True when every leaf was mapped, paired and matches."""
 
     report: Any
@@ -336,17 +348,38 @@ class CheckpointDiff:
     unmapped_b: dict[str, str]
     not_compared: tuple[str, ...]
     frameworks: tuple[str, str]
+    pairs: tuple[Any, ...] = ()
+    problems: tuple[str, ...] = ()
+    suggested_map: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.report.ok and not self.unmapped_a and not self.unmapped_b
+        return self.report.ok and not self.unmapped_a and not self.unmapped_b and not self.problems
 
     def __bool__(self) -> bool:
         return self.ok
 
     def render(self, style: str = "auto") -> str:
         na, nb = self.report.names
+        if self.problems:  # nothing was compared: the report's headline ("match: 0 leaves") would mislead
+            n = len(self.problems)
+            out = [f"{na} and {nb} not compared: normbridge.conversion.pair refused to pair their models' layers "
+                   f"({n} problem{'s' if n != 1 else ''}; in its words the source is {na}, like is {nb}):"]
+            out += [f"  - {p}" for p in self.problems]
+            if any("probe=" in p for p in self.problems):
+                out.append("  (on the command line: --probe SHAPE or --probe PKG.MODULE:FACTORY)")
+            if self.suggested_map:
+                out.append(f"  suggested --map (review it; a null is a layer with no candidate): "
+                           f"{json.dumps(self.suggested_map)}")
+            for name, unmapped in ((na, self.unmapped_a), (nb, self.unmapped_b)):
+                out.append(f"{len(unmapped)} arrays of {name} not compared: {', '.join(unmapped)}")
+            return "\n".join(out)
         out = [self.report.render(style)]
+        if self.pairs:
+            hows = collections.Counter(p.how.split(" ")[0] if p.how.startswith("wrapped") else p.how
+                                       for p in self.pairs)
+            out.append(f"{len(self.pairs)} layers paired by normbridge.conversion.pair ("
+                       + ", ".join(f"{n} by {how}" for how, n in hows.items()) + ")")
         for name, unmapped in ((na, self.unmapped_a), (nb, self.unmapped_b)):
             if unmapped:
                 out.append(f"{len(unmapped)} arrays of {name} not mapped to canonical records (not compared):")
@@ -365,11 +398,11 @@ class CheckpointDiff:
     def to_dict(self) -> dict[str, Any]:
         return {**self.report.to_dict(), "ok": self.ok, "frameworks": list(self.frameworks),
                 "unmapped": {"a": dict(self.unmapped_a), "b": dict(self.unmapped_b)},
-                "not_compared": list(self.not_compared)}
+                "not_compared": list(self.not_compared),
+                "pairs": [{"a": p.source, "b": p.target, "kind": p.kind, "how": p.how} for p in self.pairs],
+                "problems": list(self.problems), "suggested_map": self.suggested_map}
 
     def to_json(self, **kwargs: Any) -> str:
-        import json
-
         from normbridge.testing.report import _jsonable
 
         kwargs.setdefault("indent", 2)
@@ -397,6 +430,21 @@ def map_layer(path: str, mapping: dict[str, Any]) -> tuple[bool, str | None]:
     return True, _rename(path, {best: plain[best]})
 
 
+def _checked_mapping(mapping: dict[str, Any] | None) -> dict[str, Any]:
+    """``mapping`` as a dict; ``ValueError`` (a bad ``--map``) for a value that is not a path or null
+    and for a ``re:`` key that is not a regular expression."""
+    mapping = dict(mapping or {})
+    bad = {k: v for k, v in mapping.items() if not isinstance(v, (str, type(None)))}
+    if bad:
+        raise ValueError(f"mapping: values must be layer paths or null, got {bad}")
+    for key in (k for k in mapping if k.startswith("re:")):
+        try:
+            re.compile(key[3:])
+        except re.error as err:
+            raise ValueError(f"mapping: {key!r} is not a regular expression ({err})") from None
+    return mapping
+
+
 def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] | None = None,
                names: tuple[str, str] = ("a", "b"), rtol: float | None = None, atol: float | None = None,
                max_ulp: int | None = None) -> CheckpointDiff:
@@ -413,15 +461,7 @@ def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] 
     from normbridge.testing._compare import compare_pairs
     from normbridge.testing.report import DiffReport, _tolerance_text
 
-    mapping = dict(mapping or {})
-    bad = {k: v for k, v in mapping.items() if not isinstance(v, (str, type(None)))}
-    if bad:
-        raise ValueError(f"mapping: values must be layer paths or null, got {bad}")
-    for key in (k for k in mapping if k.startswith("re:")):
-        try:
-            re.compile(key[3:])
-        except re.error as err:
-            raise ValueError(f"mapping: {key!r} is not a regular expression ({err})") from None
+    mapping = _checked_mapping(mapping)
     unmapped = (dict(va.unmapped), dict(vb.unmapped))
     not_compared: list[str] = []
     used: set[str] = set()
@@ -487,3 +527,90 @@ def diff_views(va: CanonicalView, vb: CanonicalView, *, mapping: dict[str, Any] 
     report = DiffReport(tuple(leaves), tuple(sorted(only[0])), tuple(sorted(only[1])), names=names,
                         tolerance=_tolerance_text(rtol, atol, max_ulp))
     return CheckpointDiff(report, unmapped[0], unmapped[1], tuple(not_compared), (va.framework, vb.framework))
+
+
+def diff_models(ckpt_a: Checkpoint, model_a: Any, ckpt_b: Checkpoint, model_b: Any, *, probe: Any = None,
+                mapping: dict[str, Any] | None = None, names: tuple[str, str] = ("a", "b"),
+                rtol: float | None = None, atol: float | None = None, max_ulp: int | None = None) -> CheckpointDiff:
+    """Two checkpoints, each loaded into its model (:func:`normbridge.checkpoint.models.load_into`),
+    their layers paired exactly as :func:`normbridge.convert` pairs them, by the engine's own
+    :func:`normbridge.conversion.pair` (``a`` the source, ``b`` like): ``mapping``, then names after
+    each framework's naming rules, then execution order on ``probe`` (one input, or ``(input for a,
+    input for b)``), every pair's kind and shapes checked. Each pair's canonical records
+    (:func:`loaded_view`) are compared field by field with :func:`normbridge.testing.compare_pairs`;
+    ``b`` is the reference. Where the engine refuses, nothing is compared (a partial pairing could
+    be a shifted one): its problem lines are the diff's ``problems``, its suggested mapping
+    ``suggested_map``, and every leaf of both sides is listed unmapped. A mapping problem (a key that
+    names no layer, a value that is not a layer path) is a ``ValueError``, as in :func:`diff_views`."""
+    from normbridge.checkpoint import models
+    from normbridge.conversion import pair
+    from normbridge.errors import ConversionError
+    from normbridge.testing._compare import compare_pairs
+    from normbridge.testing.report import DiffReport, _tolerance_text
+
+    mapping = _checked_mapping(mapping)
+    probes = probe if isinstance(probe, tuple) and len(probe) == 2 else (probe, probe)
+    loaded = (models.load_into(ckpt_a, model_a), models.load_into(ckpt_b, model_b))
+    va = loaded_view(loaded[0], probes[0], file=ckpt_a.file)
+    vb = loaded_view(loaded[1], probes[1], file=ckpt_b.file)
+    tolerance = _tolerance_text(rtol, atol, max_ulp)
+    frameworks = (va.framework, vb.framework)
+    try:
+        layer_pairs = pair(loaded[0], loaded[1], mapping=mapping, probe=probe)
+    except ConversionError as err:
+        bad_map = [p for p in err.problems if p.startswith("mapping:")]
+        if bad_map:
+            raise ValueError("; ".join(bad_map)) from None
+        why = "not compared: normbridge.conversion.pair refused to pair the layers (see its problems)"
+        unmapped = [{**{leaf: why for leaf in v.leaves()}, **v.unmapped} for v in (va, vb)]
+        report = DiffReport((), (), (), names=names, tolerance=tolerance)
+        return CheckpointDiff(report, unmapped[0], unmapped[1], (), frameworks, problems=tuple(err.problems),
+                              suggested_map=err.mapping)
+    pairs: list[tuple[str, Any, str, Any]] = []
+    only: tuple[list[str], list[str]] = ([], [])
+    not_compared: list[str] = []
+    covered: tuple[set[str], set[str]] = (set(), set())
+    for lp in layer_pairs:
+        fields = (_pair_fields(va, lp.source, lp.kind), _pair_fields(vb, lp.target, lp.kind))
+        for side, view in enumerate((va, vb)):
+            covered[side].update(leaf for leaf, _ in fields[side].values())
+            for field, (leaf, _) in fields[side].items():
+                if field in fields[1 - side]:
+                    continue
+                if field in CONVENTION_FIELDS.get(view.framework, ()):
+                    not_compared.append(f"{leaf} ({names[side]} only)")
+                else:
+                    only[side].append(leaf)
+        pairs += [(*fields[0][f], *fields[1][f]) for f in fields[0] if f in fields[1]]
+    for side, view in enumerate((va, vb)):  # what no pair covers: a layer the mapping skips
+        for leaf in view.leaves():
+            if leaf in covered[side]:
+                continue
+            if _skipped(leaf, mapping, side) or _skipped(leaf.rpartition("/")[0], mapping, side):
+                not_compared.append(f"{leaf} (mapping: skipped)")
+            else:
+                only[side].append(leaf)
+    leaves = compare_pairs(pairs, rtol=rtol, atol=atol, max_ulp=max_ulp)
+    report = DiffReport(tuple(leaves), tuple(sorted(only[0])), tuple(sorted(only[1])), names=names,
+                        tolerance=tolerance)
+    return CheckpointDiff(report, dict(va.unmapped), dict(vb.unmapped), tuple(not_compared), frameworks,
+                          pairs=tuple(layer_pairs))
+
+
+def _pair_fields(view: CanonicalView, path: str, kind: str) -> dict[str, tuple[str, Any]]:
+    """``{field: (leaf path, array)}`` of one paired layer of a :func:`loaded_view` (a bare parameter:
+    its one array, under its own path)."""
+    if kind == "param":
+        parent, _, name = path.rpartition("/")
+        arr = view.layers.get(parent, {}).get(name)
+        return {} if arr is None else {"value": (path, arr)}
+    return {f: (_join(path, f), a) for f, a in view.layers.get(path, {}).items()}
+
+
+def _skipped(path: str, mapping: dict[str, Any], side: int) -> bool:
+    """Whether the engine's mapping skips layer ``path`` of side ``side`` (a key with value ``None``; on
+    the source side also a ``re:`` key matching it)."""
+    if path in mapping and mapping[path] is None:
+        return True
+    return side == 0 and any(k.startswith("re:") and v is None and re.fullmatch(k[3:], path)
+                             for k, v in mapping.items())

@@ -107,3 +107,79 @@ def equinox_attention():
     abstract = eqx.filter_eval_shape(Att, jax.random.key(1))
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s,
                                   abstract, is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
+
+
+# The MLP and ResNet of normbridge.conformance.conversion_models, built abstractly: linen's layers keep
+# linen's automatic names (Dense_0, BatchNorm_0, ResNetBlock_0/Conv_1, ...), Equinox's are its fields
+# (dense1, bn, blocks/0/conv2, ...): only execution order pairs them.
+def _linen(arch: str):
+    from normbridge.conformance import conversion_models as cm
+
+    module = cm.LINEN[arch](cm.NS["linen"]["native"])
+    return module, jax.eval_shape(module.init, jax.random.key(0), cm.probe(arch, "linen"))
+
+
+def _equinox(cls, *args):
+    import equinox as eqx
+
+    abstract = eqx.filter_eval_shape(eqx.nn.make_with_state(cls), *args, jax.random.key(1))
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s,
+                                  abstract, is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
+
+
+def linen_mlp():
+    return _linen("mlp")
+
+
+def equinox_mlp():
+    from normbridge.conformance import conversion_models as cm
+
+    return _equinox(cm.EqxMlp, cm.NS["equinox"]["native"])
+
+
+def linen_resnet():
+    return _linen("resnet")
+
+
+def equinox_resnet():
+    from normbridge.conformance import conversion_models as cm
+
+    return _equinox(cm.EqxResNet, cm.NS["equinox"]["native"])
+
+
+def _mlp_with_extra_cls():
+    """The Equinox MLP with one more Linear (``extra``, 4 → 4) called before ``head``: the linen MLP's
+    third Dense (4 → 3) would be paired by execution order with ``extra``, whose shapes differ."""
+    import equinox as eqx
+
+    from normbridge.conformance import conversion_models as cm
+
+    class MlpWithExtra(eqx.Module):
+        dense1: eqx.nn.Linear
+        bn: eqx.nn.BatchNorm
+        ln: eqx.nn.LayerNorm
+        dense2: eqx.nn.Linear
+        rms: eqx.nn.RMSNorm
+        extra: eqx.nn.Linear
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k = jax.random.split(key, 4)
+            self.dense1 = eqx.nn.Linear(6, cm.C, key=k[0])
+            self.bn = eqx.nn.BatchNorm(cm.C, axis_name="batch", momentum=0.9, mode="ema")
+            self.ln = eqx.nn.LayerNorm(cm.C, eps=1e-6)
+            self.dense2 = eqx.nn.Linear(cm.C, cm.C, key=k[1])
+            self.rms = eqx.nn.RMSNorm(cm.C, eps=1e-6, use_bias=False)
+            self.extra = eqx.nn.Linear(cm.C, cm.C, key=k[2])
+            self.head = eqx.nn.Linear(cm.C, cm.CLASSES, key=k[3])
+
+        def __call__(self, x, state):
+            x, state = self.bn(self.dense1(x), state)
+            x = self.ln(jax.nn.relu(x))
+            return self.head(self.extra(self.rms(self.dense2(x)))), state
+
+    return MlpWithExtra
+
+
+def equinox_mlp_with_extra():
+    return _equinox(_mlp_with_extra_cls())
