@@ -89,7 +89,7 @@ def test_like_must_be_a_model(transformer) -> None:
 def test_a_probe_given_with_bare_variables_is_not_adapted_to_a_layout() -> None:
     """Bare variables cannot run, so a probe given with ``verify=False`` is not tried on them in another layout
     (which used to refuse a linen -> Equinox conversion that needs no probe at all)."""
-    module, variables = M.build("resnet", "linen")
+    _, variables = M.build("resnet", "linen")
     like = M.build("resnet", "equinox", seed=5)
     _, report = normbridge.convert(
         variables, like, mapping=RESNET_TO_EQUINOX, probe=M.probe("resnet", "linen"), verify=False
