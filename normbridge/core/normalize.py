@@ -21,10 +21,16 @@ repeated statistics back through an ``(..., C)`` reshape (flax GroupNorm on ``(8
 kernel either way, 175 → 47 ms). The repeat is undone by a slice XLA folds away, and the group value is
 broadcast again over the channels *within* the grouped layout, so that the backward pass, too, runs per
 channel and sums over each block as exact mode does: outputs and gradients bitwise exact mode's.
+Statistics broadcast over spatial axes (channels-last conv, ``(N, 1, ..., 1, C)``) keep the flat layout and
+take a custom JVP instead (:func:`_flax_normalize_spatial`): outputs bitwise, a backward pass that sums per
+(N, C) column first (64×56×56×64, GroupNorm(32), linen fast fwd+bwd with an external cotangent 9.3 → 7.5
+xA, 0.55× → 0.46× native linen; with the loss ``sum(y²)`` about 5 %);
+gradients within 1e-6 of exact mode's relative to their max.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -73,6 +79,8 @@ def normalize(
         y = normalize(xs, split(mean, stat=True), split(var, stat=True), epsilon, split(scale), split(bias),
                       order=order)
         return y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
+    if groups is not None and order == "flax" and use_fast() and _spatial_stats(x, mean, var, scale, bias):
+        return _flax_normalize_spatial(x, mean, var, scale, bias, epsilon)
     if order == "flax":
         y = x if mean is None else x - mean
         mul = lax.rsqrt(var + epsilon)
@@ -103,13 +111,58 @@ def _groupable(x: jax.Array, groups: int, mean: jax.Array | None, *arrays: jax.A
     group norms have). Statistics broadcast over spatial axes (channels-last conv) stay in the ``(..., C)``
     layout: there the backward pass of the grouped layout reduces over axes on both sides of the group axis,
     the strided reduction :mod:`normbridge.core.fast_stats` avoids (64×56×56×64, 32 groups: fast fwd+bwd
-    no faster than exact mode's, against 0.8× in the flat layout)."""
+    no faster than exact mode's, against 0.8× in the flat layout); they take :func:`_flax_normalize_spatial`."""
     c = x.shape[-1] if x.ndim else 0
     if x.ndim < 2 or groups <= 0 or c % groups or c == groups:
         return False
     if mean is not None and mean.ndim == x.ndim and mean.shape[:-1] != x.shape[:-1]:
         return False
     return all(a is None or a.ndim == 0 or a.shape[-1] in (1, c) for a in (mean, *arrays))
+
+
+def _spatial_stats(x: jax.Array, mean: jax.Array | None, var: jax.Array, *params: jax.Array | None) -> bool:
+    """Whether a flax-order group normalization has channels-last statistics broadcast over the spatial
+    axes (``(N, 1, ..., 1, C)``, float32 or wider), the case :func:`_flax_normalize_spatial` applies to."""
+    if x.ndim < 3 or mean is None or not jnp.issubdtype(x.dtype, jnp.floating) or jnp.finfo(x.dtype).bits < 32:
+        return False
+    stat_shape = (x.shape[0], *([1] * (x.ndim - 2)), x.shape[-1])
+    if mean.shape != stat_shape or var.shape != stat_shape or mean.dtype != x.dtype or var.dtype != x.dtype:
+        return False
+    param_shape = (*([1] * (x.ndim - 1)), x.shape[-1])
+    return all(p is None or (p.shape == param_shape and p.dtype == x.dtype) for p in params)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _flax_normalize_spatial(
+    x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array | None, bias: jax.Array | None, epsilon: float
+) -> jax.Array:
+    """flax-order ``(x - mean) * (rsqrt(var + eps) * scale) + bias`` with statistics ``(N, 1, ..., 1, C)``.
+
+    The values are the plain ones; the derivative rule groups every tangent of the small operands into one
+    ``(N, 1, ..., 1, C)`` term before it meets ``x``, so that its transpose (the backward pass) first sums per
+    (N, C) column over the spatial axes, ``Σ g`` and ``Σ g·(x − mean)`` (centred) in one fused pass over ``g``
+    and ``x``, and derives ``dmean``, ``dvar``, ``dscale`` and ``dbias`` from those small sums; ``dx = g·rsqrt·scale``
+    is one elementwise pass. Autodiff of the plain formula instead reduces ``g`` and ``g·(x − mean)`` over the
+    batch axis too, straight from the x-sized arrays. A JVP rule (not a VJP) so forward mode keeps working.
+    """
+    return normalize(x, mean, var, epsilon, scale, bias, order="flax")
+
+
+@_flax_normalize_spatial.defjvp
+def _flax_normalize_spatial_jvp(epsilon: float, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    x, mean, var, scale, bias = primals
+    dx, dmean, dvar, dscale, dbias = tangents
+    y = normalize(x, mean, var, epsilon, scale, bias, order="flax")
+    mul = lax.rsqrt(var + epsilon)
+    ms = mul if scale is None else mul * scale
+    # d rsqrt(v + eps) = -rsqrt³/2 · dv; every small tangent reaches x through one (N, 1, ..., 1, C) factor
+    dmul = dvar * (-0.5 * mul * mul * mul)
+    if scale is not None:
+        dmul = dmul * scale + jnp.broadcast_to(dscale, mean.shape) * mul
+    shift = -dmean * ms
+    if bias is not None:
+        shift = shift + jnp.broadcast_to(dbias, mean.shape)
+    return y, dx * ms + (x - mean) * dmul + shift
 
 
 def affine(y: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
