@@ -626,7 +626,7 @@ def _plan(
     tried: list[str] = []
     if probe is None and build_probe:
         sprobe, tprobe = _built_probes(source, like, (scall, tcall), notes, tried)
-    elif _split_probe(probe)[0] is _split_probe(probe)[1] and probe is not None:
+    elif probe is not None and _split_probe(probe)[0] is probe:  # one array, not a (source, like) pair
         sprobe, tprobe = _layout_probes(source, like, probe, (scall, tcall), notes, problems)
     else:
         sprobe, tprobe = _split_probe(probe)
