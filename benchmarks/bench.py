@@ -566,20 +566,24 @@ def _elements(type_text: str) -> int:
     return max((math.prod(int(d) for d in ds.split(",") if d) for ds in dims), default=0)
 
 
+def _entry_instructions(text: str):
+    """``(name, type, op, operands)`` of each instruction of an HLO module's ENTRY computation."""
+    entry = text.split("\nENTRY", 1)[-1]
+    for line in entry.splitlines()[1:]:
+        if line.strip() == "}":
+            return
+        mt = _INSTR.match(line)
+        if mt:
+            yield mt.groups()
+
+
 def kernel_profile(text: str) -> tuple[int, int]:
     """(kernels, big kernels) of the ENTRY computation: kernels = fusions and unfused ops (not
     parameters/tuples/constants/bitcasts), big = those reading or writing an array at least 1/8
     the size of the largest parameter (passes over x; the rest work on parameter-sized vectors)."""
-    entry = text.split("\nENTRY", 1)[-1]
     size: dict[str, int] = {}
     ops: list[tuple[str, int]] = []
-    for line in entry.splitlines()[1:]:
-        if line.strip() == "}":
-            break
-        mt = _INSTR.match(line)
-        if not mt:
-            continue
-        name, typ, op, args = mt.groups()
+    for name, typ, op, args in _entry_instructions(text):
         size[name] = _elements(typ)
         touched = max([size[name]] + [size.get(a, 0) for a in re.findall(r"%[\w.\-]+", args)])
         ops.append((op, touched))
@@ -603,16 +607,9 @@ def kernel_structure(text: str) -> tuple[tuple[str, int, int], ...]:
     ``(op, x-sized arrays read, x-sized arrays written)``; x-sized = at least 1/8 of the largest
     parameter, as in :func:`kernel_profile`. Two programs with the same structure stream x the same
     number of times in the same kernels; what differs is inside the kernels (loop order, vectorization)."""
-    entry = text.split("\nENTRY", 1)[-1]
     size: dict[str, int] = {}
     ops: list[tuple[str, list[int], list[int]]] = []
-    for line in entry.splitlines()[1:]:
-        if line.strip() == "}":
-            break
-        mt = _INSTR.match(line)
-        if not mt:
-            continue
-        name, typ, op, args = mt.groups()
+    for name, typ, op, args in _entry_instructions(text):
         outs = _type_sizes(typ)
         size[name] = max(outs, default=0)
         operands = list(dict.fromkeys(a for a in re.findall(r"%[\w.\-]+", args) if a in size))
